@@ -1,0 +1,301 @@
+"""Typed experiment configuration: YAML in, validated dataclasses out.
+
+Every key is declared here with its type and allowed range. Unknown keys,
+wrong types and out-of-range values raise `ConfigError` with one line that
+names the key, the allowed values and the fix, before any work starts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+QUICKSTART = Path(__file__).resolve().parent / "configs" / "quickstart.yaml"
+
+
+class ConfigError(ValueError):
+    """A config value is unknown, mistyped or out of range."""
+
+
+def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False,
+           choices: tuple[Any, ...] | None = None) -> dict[str, Any]:
+    return {"lo": lo, "hi": hi, "lo_open": lo_open, "choices": choices}
+
+
+def _f(default: Any, **check: Any) -> Any:
+    """A field with a default and an optional range/choices check."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"check": _range(**check)})
+    return field(default=default, metadata={"check": _range(**check)})
+
+
+@dataclass
+class ModelConfig:
+    """Frozen CLIP backbone.
+
+    name: open_clip model name (e.g. "ViT-B-16") or a project config ("fedpgp-tiny").
+    pretrained: open_clip pretrained tag ("openai"), a local checkpoint path, or
+        null for random weights (tests, speed benchmarks only).
+    precision: "fp32" everywhere, or "amp" (bf16 autocast on CUDA; fp32 on CPU).
+    """
+    name: str = _f("fedpgp-tiny")
+    pretrained: str | None = _f("fedpgp-world")
+    precision: str = _f("fp32", choices=("fp32", "amp"))
+    device: str = _f("auto", choices=("auto", "cpu", "cuda"))
+
+
+@dataclass
+class WorldConfig:
+    """Procedural image world (the offline dataset)."""
+    num_classes: int = _f(64, lo=4)
+    train_per_class: int = _f(32, lo=1)
+    test_per_class: int = _f(20, lo=1)
+    image_size: int = _f(32, lo=16, hi=128)
+    style: str = _f("task")
+    domains: list[str] = _f([])
+
+
+@dataclass
+class DataConfig:
+    """Dataset and its federated partition.
+
+    partition: "pathological" (disjoint base classes per client, SPEC),
+        "dirichlet" (label skew with Dir(beta)) or "domain" (one domain per client).
+    base_novel: split sorted classes into base (first ceil(n/2)) and novel.
+    """
+    dataset: str = _f("world")
+    root: str | None = _f(None)
+    shots: int = _f(8, lo=1)
+    partition: str = _f("pathological", choices=("pathological", "dirichlet", "domain"))
+    beta: float = _f(0.3, lo=0.0, lo_open=True)
+    base_novel: bool = _f(True)
+    held_out_domain: str | None = _f(None)
+    augment_views: int = _f(0, lo=0)
+    skip_bad_images: bool = _f(False)
+    world: WorldConfig = field(default_factory=WorldConfig)
+
+
+@dataclass
+class AlgorithmConfig:
+    """Prompt-learning algorithm and its hyperparameters (SPEC defaults).
+
+    name: one of the registered algorithms (see `fedpgp_ray.algorithms.ALGORITHMS`).
+    n_ctx: number of learnable context tokens L.
+    rank: rank r of FedPGP's personal term U V.
+    mu: weight of FedPGP's contrastive loss (0 disables it).
+    tau: temperature of the contrastive loss.
+    init_std: std of the N(0, std^2) init of all prompt parameters.
+    prox_mu: FedProx proximal weight for PromptFL (0 = plain PromptFL).
+    """
+    name: str = _f("fedpgp")
+    n_ctx: int = _f(16, lo=1, hi=64)
+    rank: int = _f(8, lo=1)
+    mu: float = _f(0.5, lo=0.0)
+    tau: float = _f(0.5, lo=0.0, lo_open=True)
+    init_std: float = _f(0.02, lo=0.0, lo_open=True)
+    prox_mu: float = _f(0.0, lo=0.0)
+    kg_weight: float = _f(8.0, lo=0.0)
+
+
+@dataclass
+class TrainConfig:
+    """Local training on each sampled client (SPEC: SGD 0.001, momentum 0.9, wd 5e-4)."""
+    rounds: int = _f(25, lo=1)
+    local_epochs: int = _f(2, lo=1)
+    batch_size: int = _f(8, lo=1)
+    lr: float = _f(0.001, lo=0.0, lo_open=True)
+    momentum: float = _f(0.9, lo=0.0, hi=1.0)
+    weight_decay: float = _f(5e-4, lo=0.0)
+
+
+@dataclass
+class FederationConfig:
+    """Clients and sampling.
+
+    num_clients: K. client_fraction: share of clients sampled per round, in (0, 1].
+    min_reporting_clients: a round with fewer reporting clients fails loudly.
+    """
+    num_clients: int = _f(10, lo=1)
+    client_fraction: float = _f(1.0, lo=0.0, hi=1.0, lo_open=True)
+    min_reporting_clients: int = _f(1, lo=1)
+
+
+@dataclass
+class EvaluationConfig:
+    """every: evaluate all clients every N rounds (and always after the last)."""
+    every: int = _f(1, lo=1)
+    batch_size: int = _f(256, lo=1)
+
+
+@dataclass
+class RuntimeConfig:
+    """Where clients run.
+
+    kind: "local" (in-process, sequential) or "ray" (client actors).
+    num_actors: size of the Ray client-actor pool.
+    num_cpus_per_actor / num_gpus_per_actor: Ray resources per actor (fractional GPUs).
+    address: Ray cluster to attach to (null: RAY_ADDRESS, a running cluster, or a new local one).
+    max_client_retries: attempts for a client whose actor died, before it is dropped.
+    placement_timeout_s: fail start-up if the actors cannot be placed in this time.
+    """
+    kind: str = _f("local", choices=("local", "ray"))
+    num_actors: int = _f(2, lo=1)
+    num_cpus_per_actor: float = _f(1.0, lo=0.0, lo_open=True)
+    num_gpus_per_actor: float = _f(0.0, lo=0.0, hi=1.0)
+    address: str | None = _f(None)
+    max_client_retries: int = _f(2, lo=0)
+    placement_timeout_s: float = _f(60.0, lo=0.0, lo_open=True)
+    threads_per_worker: int = _f(0, lo=0)
+
+
+@dataclass
+class TrackingConfig:
+    """MLflow tracking from the driver. checkpoint_every: log sigma every N rounds."""
+    mlflow: bool = _f(True)
+    experiment: str = _f("fedpgp-ray")
+    checkpoint_every: int = _f(1, lo=1)
+
+
+@dataclass
+class ExperimentConfig:
+    """One federated experiment. output_dir is made absolute at load time."""
+    seed: int = _f(0, lo=0)
+    output_dir: str = _f("runs/quickstart")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+def _describe(check: dict[str, Any]) -> str:
+    if check["choices"]:
+        return "one of " + ", ".join(repr(c) for c in check["choices"])
+    lo, hi = check["lo"], check["hi"]
+    left = f"> {lo}" if check["lo_open"] else f">= {lo}"
+    if lo is not None and hi is not None:
+        return f"{left} and <= {hi}"
+    return left if lo is not None else f"<= {hi}"
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check `value` against the annotation `tp`; ints are accepted for floats."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(key, value, inner)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{key}' must be a list, got {value!r}: write it as [a, b, ...]")
+        (inner,) = typing.get_args(tp)
+        return [_coerce(f"{key}[{i}]", v, inner) for i, v in enumerate(value)]
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is bool and not isinstance(value, bool) or tp is not bool and isinstance(value, bool) \
+            or not isinstance(value, tp):
+        raise ConfigError(f"config key '{key}' must be of type {tp.__name__}, got {value!r} "
+                          f"({type(value).__name__}): fix the value in the YAML or --set")
+    return value
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"config section '{prefix.rstrip('.') or 'root'}' must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in known:
+            raise ConfigError(f"unknown config key '{prefix}{key}': allowed keys under "
+                              f"'{prefix.rstrip('.') or 'root'}' are {', '.join(sorted(known))}")
+    kwargs = {}
+    for name, f in known.items():
+        key = prefix + name
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, data.get(name, {}) or {}, key + ".")
+            continue
+        value = _coerce(key, data[name], tp) if name in data else getattr(cls(), name)
+        check = f.metadata.get("check")
+        if check and value is not None and not _in_range(value, check):
+            raise ConfigError(f"config key '{key}' = {value!r} is out of range: must be {_describe(check)}")
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _in_range(value: Any, check: dict[str, Any]) -> bool:
+    if check["choices"]:
+        return value in check["choices"]
+    lo, hi = check["lo"], check["hi"]
+    if lo is not None and (value <= lo if check["lo_open"] else value < lo):
+        return False
+    return hi is None or value <= hi
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """Parse `key.path=value`; the value is read as YAML (numbers, bools, null, lists)."""
+    if "=" not in item:
+        raise ConfigError(f"--set expects key.path=value, got {item!r}: e.g. --set train.rounds=5")
+    key, raw = item.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
+
+
+def _apply(data: dict[str, Any], path: list[str], value: Any) -> None:
+    node = data
+    for part in path[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {'.'.join(path)}: '{part}' is not a section")
+    node[path[-1]] = value
+
+
+def config_from_dict(data: dict[str, Any], overrides: list[str] = (), base_dir: Path | None = None
+                     ) -> ExperimentConfig:
+    """Validate a raw mapping (plus `key=value` overrides) into an ExperimentConfig."""
+    data = dict(data or {})
+    for item in overrides:
+        _apply(data, *parse_override(item))
+    cfg = _build(ExperimentConfig, data, "")
+    if cfg.federation.min_reporting_clients > cfg.federation.num_clients:
+        raise ConfigError(f"config key 'federation.min_reporting_clients' = {cfg.federation.min_reporting_clients}"
+                          f" is out of range: must be <= federation.num_clients ({cfg.federation.num_clients})")
+    out = Path(cfg.output_dir).expanduser()
+    cfg.output_dir = str(out if out.is_absolute() else (base_dir or Path.cwd()) / out)
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> ExperimentConfig:
+    """Load a YAML config (the quickstart when `path` is None) and apply overrides."""
+    path = Path(path) if path is not None else QUICKSTART
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path} (pass an existing YAML file to --config)")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    return config_from_dict(data, overrides)
+
+
+def config_to_dict(cfg: ExperimentConfig) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}; used for tracking params."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out

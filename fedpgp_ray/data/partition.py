@@ -1,0 +1,157 @@
+"""Federated partitions: base/novel classes, per-client training shards, evaluation sets.
+
+All functions are pure and seeded; class order is by label id, never by set iteration.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from fedpgp_ray.config import DataConfig
+from fedpgp_ray.data.base import ClassificationDataset, DataError
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    """Test images scored by a classifier over `classes` (global label ids, sorted)."""
+    indices: np.ndarray
+    classes: list[int]
+
+
+@dataclass(frozen=True)
+class ClientPartition:
+    """One client's share: training images (indices into dataset.train), its own classes, local test set."""
+    client_id: int
+    train_indices: np.ndarray
+    classes: list[int]
+    local: EvalSet
+    domain: str | None = None
+
+
+@dataclass(frozen=True)
+class FederatedPartition:
+    """The federated task.
+
+    train_classes: the classifier used in training and Local/Base evaluation (all base classes).
+    base: every test image of `train_classes` (for domain level: of the clients' domains).
+    novel: the novel classes' test set with its own classifier; for domain level, the held-out
+        domain's test set (same classes). None when there is nothing novel.
+    """
+    classnames: list[str]
+    train_classes: list[int]
+    clients: list[ClientPartition]
+    base: EvalSet
+    novel: EvalSet | None
+    novel_kind: str = "classes"
+
+
+def split_base_novel(num_classes: int) -> tuple[list[int], list[int]]:
+    """The first ceil(n/2) labels (classes sorted by name) are base, the rest novel."""
+    n_base = math.ceil(num_classes / 2)
+    return list(range(n_base)), list(range(n_base, num_classes))
+
+
+def pathological_classes(classes: list[int], num_clients: int, seed: int) -> list[list[int]]:
+    """Shuffle classes with a fixed seed and cut K contiguous chunks of round(n/K); the last takes the rest."""
+    if len(classes) < num_clients:
+        raise DataError(f"pathological partition needs at least one class per client: {len(classes)} classes "
+                        f"for {num_clients} clients (lower federation.num_clients or use more classes)")
+    order = np.random.default_rng(seed).permutation(classes).tolist()
+    size = max(round(len(classes) / num_clients), 1)
+    chunks = [order[i * size:(i + 1) * size] for i in range(num_clients - 1)]
+    chunks.append(order[(num_clients - 1) * size:])
+    if any(not c for c in chunks):
+        size = len(classes) // num_clients  # round() overshot: fall back to floor so nobody is empty
+        chunks = [order[i * size:(i + 1) * size] for i in range(num_clients - 1)] + [order[(num_clients - 1) * size:]]
+    return [sorted(c) for c in chunks]
+
+
+def dirichlet_indices(labels: np.ndarray, indices: np.ndarray, num_clients: int, beta: float,
+                      rng: np.random.Generator) -> list[np.ndarray]:
+    """Label skew: each class's images are split over clients with proportions ~ Dir(beta)."""
+    shards: list[list[int]] = [[] for _ in range(num_clients)]
+    for label in np.unique(labels[indices]):
+        members = rng.permutation(indices[labels[indices] == label])
+        cuts = (np.cumsum(rng.dirichlet(np.full(num_clients, beta)))[:-1] * len(members)).astype(int)
+        for client, part in enumerate(np.split(members, cuts)):
+            shards[client].extend(part.tolist())
+    return [np.sort(np.asarray(s, dtype=np.int64)) for s in shards]
+
+
+def few_shot(indices: np.ndarray, labels: np.ndarray, shots: int, rng: np.random.Generator) -> np.ndarray:
+    """Keep at most `shots` images per class (all of a class that has fewer)."""
+    keep = []
+    for label in np.unique(labels[indices]):
+        members = indices[labels[indices] == label]
+        keep.append(rng.choice(members, size=min(shots, len(members)), replace=False))
+    return np.sort(np.concatenate(keep)) if keep else np.zeros(0, dtype=np.int64)
+
+
+def _test_of(dataset: ClassificationDataset, classes: list[int], domains: list[int] | None = None) -> np.ndarray:
+    mask = np.isin(dataset.test.labels, classes)
+    if domains is not None:
+        mask &= np.isin(dataset.test.domains, domains)
+    return np.flatnonzero(mask)
+
+
+def partition_dataset(dataset: ClassificationDataset, cfg: DataConfig, num_clients: int,
+                      seed: int) -> FederatedPartition:
+    """Build the federated task described by `cfg` (see DataConfig.partition)."""
+    if cfg.partition == "domain":
+        return _partition_domains(dataset, cfg, num_clients, seed)
+    n = len(dataset.classnames)
+    base, novel = split_base_novel(n) if cfg.base_novel else (list(range(n)), [])
+    rng = np.random.default_rng([seed, 1])
+    train_labels = dataset.train.labels
+    in_base = np.flatnonzero(np.isin(train_labels, base))
+    if cfg.partition == "pathological":
+        chunks = pathological_classes(base, num_clients, seed)
+        shards = [np.flatnonzero(np.isin(train_labels, c)) for c in chunks]
+    else:
+        shards = dirichlet_indices(train_labels, in_base, num_clients, cfg.beta, rng)
+    clients = []
+    for cid, shard in enumerate(shards):
+        train = few_shot(shard, train_labels, cfg.shots, rng)
+        own = sorted(np.unique(train_labels[train]).tolist())
+        if not own:
+            raise DataError(f"client {cid} received no training images: raise data.beta or lower "
+                            f"federation.num_clients")
+        clients.append(ClientPartition(cid, train, own, EvalSet(_test_of(dataset, own), base)))
+    novel_set = EvalSet(_test_of(dataset, novel), novel) if novel else None
+    return FederatedPartition(list(dataset.classnames), base, clients, EvalSet(_test_of(dataset, base), base),
+                              novel_set)
+
+
+def _partition_domains(dataset: ClassificationDataset, cfg: DataConfig, num_clients: int,
+                       seed: int) -> FederatedPartition:
+    """One domain per client (several clients per domain split by Dir(beta) label skew), one held out."""
+    if not dataset.domains or dataset.train.domains is None:
+        raise DataError(f"data.partition: domain needs a domain-level dataset; '{dataset.name}' has no domains")
+    names = list(dataset.domains)
+    held = cfg.held_out_domain
+    if held is not None and held not in names:
+        raise DataError(f"data.held_out_domain '{held}' is not a domain of this dataset: choose one of "
+                        f"{', '.join(names)} or null")
+    train_domains = [d for d in names if d != held]
+    if num_clients % len(train_domains):
+        raise DataError(f"federation.num_clients ({num_clients}) must be a multiple of the {len(train_domains)} "
+                        f"training domains ({', '.join(train_domains)})")
+    per_domain = num_clients // len(train_domains)
+    classes = list(range(len(dataset.classnames)))
+    rng = np.random.default_rng([seed, 2])
+    clients = []
+    for domain in train_domains:
+        d = names.index(domain)
+        members = np.flatnonzero(dataset.train.domains == d)
+        shards = [members] if per_domain == 1 else dirichlet_indices(
+            dataset.train.labels, members, per_domain, cfg.beta, rng)
+        for shard in shards:
+            train = few_shot(shard, dataset.train.labels, cfg.shots, rng)
+            own = sorted(np.unique(dataset.train.labels[train]).tolist())
+            local = EvalSet(_test_of(dataset, own, [d]), classes)
+            clients.append(ClientPartition(len(clients), train, own, local, domain))
+    base = EvalSet(_test_of(dataset, classes, [names.index(d) for d in train_domains]), classes)
+    novel = EvalSet(_test_of(dataset, classes, [names.index(held)]), classes) if held else None
+    return FederatedPartition(list(dataset.classnames), classes, clients, base, novel, novel_kind="domain")

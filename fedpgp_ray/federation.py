@@ -1,0 +1,104 @@
+"""The round loop: strategy decides, runtime executes, listeners observe, checkpoints make it resumable."""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+from fedpgp_ray.algorithms import Params, build_algorithm
+from fedpgp_ray.checkpoint import CheckpointStore
+from fedpgp_ray.config import ExperimentConfig, config_to_dict
+from fedpgp_ray.runtime.base import Runtime
+from fedpgp_ray.strategy import FedAvgStrategy
+
+METRIC_NAMES = {
+    "local": "accuracy (%) of each client's classifier on its own classes' test set, averaged over clients",
+    "base": "accuracy (%) on the test set of all base classes, averaged over clients",
+    "novel": "accuracy (%) on the novel classes (domain level: the held-out domain), averaged over clients",
+    "hm3": "3-way harmonic mean of Local, Base, Novel",
+    "hm2": "2-way harmonic mean of Base, Novel",
+}
+
+
+@dataclass
+class RoundReport:
+    """One round: aggregate metrics and per-client metrics (round 0 = before training)."""
+    round: int
+    metrics: dict[str, float]
+    clients: dict[int, dict[str, float]] = field(default_factory=dict)
+
+
+class RoundListener(Protocol):
+    """Observes a run (progress bar, MLflow). Listeners never change the run."""
+
+    def on_round(self, report: RoundReport, global_params: Params) -> None: ...
+
+
+def build_strategy(cfg: ExperimentConfig) -> FedAvgStrategy:
+    return FedAvgStrategy(cfg.federation.num_clients, cfg.federation.client_fraction,
+                          cfg.federation.min_reporting_clients, cfg.evaluation.every, num_rounds(cfg), cfg.seed)
+
+
+def num_rounds(cfg: ExperimentConfig) -> int:
+    """Training rounds; zero-shot CLIP trains nothing, so it only has the round-0 evaluation."""
+    return cfg.train.rounds if build_algorithm(cfg.algorithm).trains else 0
+
+
+def run_federation(cfg: ExperimentConfig, runtime: Runtime, store: CheckpointStore | None = None,
+                   listeners: list[RoundListener] = (), resume: bool = False) -> dict[str, Any]:
+    """Run (or resume) the experiment and return the results document (JSON-ready)."""
+    strategy = build_strategy(cfg)
+    total = strategy.num_rounds
+    saved = store.latest_server() if (resume and store is not None) else None
+    if saved is not None:
+        start, global_params = saved["round"] + 1, saved["global_params"]
+        history = [RoundReport(h["round"], h["metrics"], h["clients"]) for h in saved["history"]]
+    else:
+        start, global_params, history = 0, runtime.initial_global_params(), []
+    began = time.perf_counter()
+    for rnd in range(start, total + 1):
+        tick = time.perf_counter()
+        metrics: dict[str, float] = {}
+        clients: dict[int, dict[str, float]] = {}
+        if rnd > 0:
+            sampled = strategy.configure_train(rnd)
+            results, failures = runtime.fit(rnd, sampled, global_params)
+            global_params, train_metrics = strategy.aggregate_train(rnd, global_params, results, failures)
+            metrics.update(clients_sampled=float(len(sampled)), **train_metrics)
+            for r in results:
+                clients[r.client_id] = {f"train_{k}": v for k, v in r.metrics.items()}
+        eval_ids = strategy.configure_evaluate(rnd)
+        if eval_ids is not None:
+            eval_results, _ = runtime.evaluate(rnd, eval_ids, global_params)
+            metrics.update(strategy.aggregate_evaluate(rnd, eval_results))
+            for r in eval_results:
+                clients.setdefault(r.client_id, {}).update(r.metrics)
+        metrics["round_seconds"] = time.perf_counter() - tick
+        report = RoundReport(rnd, metrics, clients)
+        history.append(report)
+        if store is not None:
+            store.save_server(rnd, {"global_params": global_params,
+                                    "history": [asdict(h) for h in history]})
+        for listener in listeners:
+            listener.on_round(report, global_params)
+    return results_document(cfg, history, time.perf_counter() - began)
+
+
+def results_document(cfg: ExperimentConfig, history: list[RoundReport], wall_seconds: float) -> dict[str, Any]:
+    last_eval = next(h for h in reversed(history) if "local" in h.metrics)
+    keys = ("local", "base", "novel", "hm3", "hm2")
+    clean = lambda d: {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in d.items()}
+    return {
+        "algorithm": cfg.algorithm.name,
+        "dataset": cfg.data.dataset,
+        "runtime": cfg.runtime.kind,
+        "seed": cfg.seed,
+        "config": config_to_dict(cfg),
+        "metric_names": METRIC_NAMES,
+        "final": clean({k: last_eval.metrics[k] for k in keys if k in last_eval.metrics}),
+        "final_clients": {str(c): clean(m) for c, m in last_eval.clients.items()},
+        "rounds": [{"round": h.round, "metrics": clean(h.metrics),
+                    "clients": {str(c): clean(m) for c, m in h.clients.items()}} for h in history],
+        "wall_seconds": wall_seconds,
+    }

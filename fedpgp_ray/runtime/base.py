@@ -1,0 +1,39 @@
+"""The runtime interface: where and how client work runs (in-process, Ray actors, ...)."""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+from fedpgp_ray.algorithms import Params
+from fedpgp_ray.client import EvalResult, FitResult
+from fedpgp_ray.strategy import ClientFailure
+
+
+class Runtime(ABC):
+    """Runs clients' fit and evaluate; holds their personal state between rounds.
+
+    Implementations must give the same results for the same config and seed: all randomness
+    is seeded per (seed, round, client), never by which worker serves a client.
+    """
+
+    @abstractmethod
+    def initial_global_params(self) -> Params:
+        """The seeded initial global parameters."""
+
+    @abstractmethod
+    def fit(self, rnd: int, client_ids: list[int], global_params: Params
+            ) -> tuple[list[FitResult], list[ClientFailure]]:
+        """Train the given clients from `global_params`; results sorted by client id."""
+
+    @abstractmethod
+    def evaluate(self, rnd: int, client_ids: list[int], global_params: Params
+                 ) -> tuple[list[EvalResult], list[ClientFailure]]:
+        """Evaluate the given clients' classifiers; results sorted by client id."""
+
+    def close(self) -> None:
+        """Release workers and resources."""
+
+    def __enter__(self) -> "Runtime":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
