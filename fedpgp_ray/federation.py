@@ -47,41 +47,38 @@ def num_rounds(cfg: ExperimentConfig) -> int:
 
 def run_federation(cfg: ExperimentConfig, runtime: Runtime, store: CheckpointStore | None = None,
                    listeners: list[RoundListener] = (), resume: bool = False) -> dict[str, Any]:
-    """Run (or resume) the experiment and return the results document (JSON-ready)."""
+    """Run (or resume) the experiment and return the results document (JSON-ready).
+
+    The strategy picks clients, the runtime runs them, the server (in-process or an actor,
+    as the runtime decides) aggregates and checkpoints, listeners observe.
+    """
     strategy = build_strategy(cfg)
-    total = strategy.num_rounds
-    saved = store.latest_server() if (resume and store is not None) else None
-    if saved is not None:
-        start, global_params = saved["round"] + 1, saved["global_params"]
-        history = [RoundReport(h["round"], h["metrics"], h["clients"]) for h in saved["history"]]
-    else:
-        start, global_params, history = 0, runtime.initial_global_params(), []
+    server = runtime.make_server(strategy, store, resume)
     began = time.perf_counter()
-    for rnd in range(start, total + 1):
+    for rnd in range(server.start_round(), strategy.num_rounds + 1):
         tick = time.perf_counter()
         metrics: dict[str, float] = {}
         clients: dict[int, dict[str, float]] = {}
+        global_params = server.global_params()
         if rnd > 0:
             sampled = strategy.configure_train(rnd)
             results, failures = runtime.fit(rnd, sampled, global_params)
-            global_params, train_metrics = strategy.aggregate_train(rnd, global_params, results, failures)
-            metrics.update(clients_sampled=float(len(sampled)), **train_metrics)
+            metrics.update(clients_sampled=float(len(sampled)), **server.aggregate_train(rnd, results, failures))
             for r in results:
                 clients[r.client_id] = {f"train_{k}": v for k, v in r.metrics.items()}
+            global_params = server.global_params()
         eval_ids = strategy.configure_evaluate(rnd)
         if eval_ids is not None:
             eval_results, _ = runtime.evaluate(rnd, eval_ids, global_params)
-            metrics.update(strategy.aggregate_evaluate(rnd, eval_results))
+            metrics.update(server.aggregate_evaluate(rnd, eval_results))
             for r in eval_results:
                 clients.setdefault(r.client_id, {}).update(r.metrics)
         metrics["round_seconds"] = time.perf_counter() - tick
         report = RoundReport(rnd, metrics, clients)
-        history.append(report)
-        if store is not None:
-            store.save_server(rnd, {"global_params": global_params,
-                                    "history": [asdict(h) for h in history]})
+        server.finish_round(rnd, asdict(report))
         for listener in listeners:
             listener.on_round(report, global_params)
+    history = [RoundReport(h["round"], h["metrics"], h["clients"]) for h in server.get_history()]
     return results_document(cfg, history, time.perf_counter() - began)
 
 

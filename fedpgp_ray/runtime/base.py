@@ -5,7 +5,9 @@ from abc import ABC, abstractmethod
 
 from fedpgp_ray.algorithms import Params
 from fedpgp_ray.client import EvalResult, FitResult
-from fedpgp_ray.strategy import ClientFailure
+from fedpgp_ray.checkpoint import CheckpointStore
+from fedpgp_ray.server import Server
+from fedpgp_ray.strategy import ClientFailure, FedAvgStrategy
 
 
 class Runtime(ABC):
@@ -18,6 +20,10 @@ class Runtime(ABC):
     @abstractmethod
     def initial_global_params(self) -> Params:
         """The seeded initial global parameters."""
+
+    def make_server(self, strategy: FedAvgStrategy, store: CheckpointStore | None, resume: bool) -> Server:
+        """The run's server (in-process by default; a runtime may host it elsewhere behind the same methods)."""
+        return Server.resume_or_start(strategy, self.initial_global_params(), store, resume)
 
     @abstractmethod
     def fit(self, rnd: int, client_ids: list[int], global_params: Params

@@ -1,0 +1,59 @@
+"""The server of a run: holds the global parameters, aggregates uploads, checkpoints each round.
+
+In-process it is a plain object; the Ray runtime hosts the same class in a server actor.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from fedpgp_ray.algorithms import Params
+from fedpgp_ray.checkpoint import CheckpointStore
+from fedpgp_ray.client import EvalResult, FitResult
+from fedpgp_ray.strategy import ClientFailure, FedAvgStrategy
+
+
+class Server:
+    """Global params + strategy aggregation + atomic per-round checkpoints.
+
+    history: the JSON-ready reports of completed rounds (restored on resume).
+    """
+
+    def __init__(self, strategy: FedAvgStrategy, global_params: Params, store: CheckpointStore | None = None,
+                 completed_round: int = -1, history: list[dict[str, Any]] | None = None) -> None:
+        self.strategy = strategy
+        self.params = global_params
+        self.store = store
+        self.completed_round = completed_round
+        self.history = list(history or [])
+
+    @classmethod
+    def resume_or_start(cls, strategy: FedAvgStrategy, initial: Params, store: CheckpointStore | None,
+                        resume: bool) -> "Server":
+        """Continue from the store's newest server checkpoint when resuming, else start at round 0."""
+        saved = store.latest_server() if (resume and store is not None) else None
+        if saved is None:
+            return cls(strategy, initial, store)
+        return cls(strategy, saved["global_params"], store, saved["round"], saved["history"])
+
+    def global_params(self) -> Params:
+        return self.params
+
+    def start_round(self) -> int:
+        return self.completed_round + 1
+
+    def get_history(self) -> list[dict[str, Any]]:
+        return self.history
+
+    def aggregate_train(self, rnd: int, results: list[FitResult], failures: list[ClientFailure]) -> dict[str, float]:
+        self.params, metrics = self.strategy.aggregate_train(rnd, self.params, results, failures)
+        return metrics
+
+    def aggregate_evaluate(self, rnd: int, results: list[EvalResult]) -> dict[str, float]:
+        return self.strategy.aggregate_evaluate(rnd, results)
+
+    def finish_round(self, rnd: int, report: dict[str, Any]) -> None:
+        """Record the round and checkpoint global params + history atomically."""
+        self.history.append(report)
+        self.completed_round = rnd
+        if self.store is not None:
+            self.store.save_server(rnd, {"global_params": self.params, "history": self.history})
