@@ -7,7 +7,9 @@ import sys
 # command -> (module with main(argv) -> int, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("fedpgp_ray.run", "run an experiment (default: the offline quickstart)"),
+    "compare": ("fedpgp_ray.compare", "run several algorithms over seeds on identical partitions, tabulate"),
     "pretrain": ("fedpgp_ray.pretrain", "pretrain the tiny CLIP on the procedural world"),
+    "bench": ("fedpgp_ray.bench", "time rounds in-process vs Ray actors, Ray task overhead, peak memory"),
 }
 
 

@@ -18,6 +18,7 @@ from fedpgp_ray.checkpoint import CheckpointStore
 from fedpgp_ray.clip.backbone import load_clip
 from fedpgp_ray.clip.features import ImageFeatureCache
 from fedpgp_ray.config import ExperimentConfig
+from fedpgp_ray.data.base import ClassificationDataset
 from fedpgp_ray.data.partition import EvalSet, FederatedPartition, partition_dataset
 from fedpgp_ray.data.registry import build_dataset
 
@@ -66,11 +67,14 @@ class ClientWorker:
     """
 
     def __init__(self, cfg: ExperimentConfig, device: str | torch.device | None = None,
-                 store: CheckpointStore | None = None, cache_dir: str | None = None) -> None:
+                 store: CheckpointStore | None = None, cache_dir: str | None = None, *,
+                 dataset: ClassificationDataset | None = None, partition: FederatedPartition | None = None) -> None:
+        # dataset / partition: given ones replace those built from cfg.data (adapters feeding external
+        # data, e.g. the FedML plugin); a given partition must index the given dataset.
         self.cfg = cfg
         self.algorithm = build_algorithm(cfg.algorithm)
-        self.dataset = build_dataset(cfg.data, cfg.seed)
-        self.partition: FederatedPartition = partition_dataset(
+        self.dataset = dataset if dataset is not None else build_dataset(cfg.data, cfg.seed)
+        self.partition: FederatedPartition = partition if partition is not None else partition_dataset(
             self.dataset, cfg.data, cfg.federation.num_clients, cfg.seed)
         self.encoders = FrozenEncoders(load_clip(cfg.model, device), cfg.algorithm.n_ctx)
         self.store = store
@@ -79,6 +83,11 @@ class ClientWorker:
         self._train_index = np.unique(np.concatenate([c.train_indices for c in self.partition.clients]))
         self._train_features: torch.Tensor | None = None
         self._test_features: torch.Tensor | None = None
+        # Algorithms that declare `uses_patch_tokens = True` (FedOTP) get patch_tokens=[n, P, D] as a
+        # keyword of loss() and logits(); the others never compute or receive them.
+        self._uses_tokens = bool(getattr(self.algorithm, "uses_patch_tokens", False))
+        self._train_tokens: torch.Tensor | None = None
+        self._test_tokens: torch.Tensor | None = None
 
     @property
     def device(self) -> torch.device:
@@ -97,6 +106,12 @@ class ClientWorker:
             test = self._cache.features(self.dataset.name, "test", self.dataset.test,
                                         np.arange(len(self.dataset.test)))
             self._train_features, self._test_features = train.to(self.device), test.to(self.device)
+            if self._uses_tokens:
+                train_tok = self._cache.patch_tokens(self.dataset.name, "train", self.dataset.train,
+                                                     self._train_index, views=views, seed=self.cfg.seed)
+                test_tok = self._cache.patch_tokens(self.dataset.name, "test", self.dataset.test,
+                                                    np.arange(len(self.dataset.test)))
+                self._train_tokens, self._test_tokens = train_tok.to(self.device), test_tok.to(self.device)
         return self._train_features, self._test_features
 
     def prepare(self) -> int:
@@ -126,6 +141,7 @@ class ClientWorker:
         train_feats, _ = self._features()
         rows = torch.as_tensor(np.searchsorted(self._train_index, part.train_indices), device=self.device)
         feats = train_feats[..., rows, :]
+        tokens = self._train_tokens[..., rows, :, :] if self._uses_tokens else None
         labels = self._labels(self.dataset.train.labels[part.train_indices], self.partition.train_classes)
         names = [self.partition.classnames[c] for c in self.partition.train_classes]
 
@@ -147,12 +163,14 @@ class ClientWorker:
                 idx = order[begin:begin + tc.batch_size]
                 if feats.dim() == 3:  # cached augmented views: one random view per image
                     view = torch.randint(feats.shape[0], (len(idx),), generator=gen)
-                    x = feats[view.to(self.device), idx.to(self.device)]
+                    pick = (view.to(self.device), idx.to(self.device))
                 else:
-                    x = feats[idx.to(self.device)]
+                    pick = (idx.to(self.device),)
+                x = feats[pick]
+                extra = {"patch_tokens": tokens[pick].float()} if tokens is not None else {}
                 with self.encoders.clip.autocast():
                     terms = self.algorithm.loss(self.encoders, params, x, labels[idx.to(self.device)], names,
-                                                start_global)
+                                                start_global, **extra)
                 optimizer.zero_grad(set_to_none=True)
                 terms.total.backward()
                 optimizer.step()
@@ -188,8 +206,9 @@ class ClientWorker:
         _, test_feats = self._features()
         names = [self.partition.classnames[c] for c in eval_set.classes]
         rows = torch.as_tensor(eval_set.indices, device=self.device)
+        extra = {"patch_tokens": self._test_tokens[rows].float()} if self._uses_tokens else {}
         with self.encoders.clip.autocast():
-            logits = self.algorithm.logits(self.encoders, params, test_feats[rows], names)
+            logits = self.algorithm.logits(self.encoders, params, test_feats[rows], names, **extra)
         labels = self._labels(self.dataset.test.labels[eval_set.indices], eval_set.classes)
         return float((logits.argmax(-1) == labels).float().mean() * 100)
 

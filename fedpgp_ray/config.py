@@ -6,6 +6,7 @@ names the key, the allowed values and the fix, before any work starts.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
@@ -51,12 +52,20 @@ class ModelConfig:
 
 @dataclass
 class WorldConfig:
-    """Procedural image world (the offline dataset)."""
-    num_classes: int = _f(64, lo=4)
+    """Procedural image world (the offline dataset; see docs/WORLD.md).
+
+    num_classes: a fixed, colour-balanced subset of the 256 classes (8 colours x 8 shapes x 4 patterns).
+    train_per_class / test_per_class: images per class in each split (per style when `domains` is set).
+    image_size: pixels per side (the shipped CLIP sees 32; other sizes are resized by its preprocess).
+    style: the style of a category-level dataset: "task" (the federated task's shifted style, never
+        seen in pretraining) or a pretraining style ("clean", "sketch", "cluttered", "pixel").
+    domains: domain level: render every split in each of these styles (one domain per style).
+    """
+    num_classes: int = _f(64, lo=4, hi=256)
     train_per_class: int = _f(32, lo=1)
     test_per_class: int = _f(20, lo=1)
     image_size: int = _f(32, lo=16, hi=128)
-    style: str = _f("task")
+    style: str = _f("task", choices=("task", "clean", "sketch", "cluttered", "pixel"))
     domains: list[str] = _f([])
 
 
@@ -67,6 +76,14 @@ class DataConfig:
     partition: "pathological" (disjoint base classes per client, SPEC),
         "dirichlet" (label skew with Dir(beta)) or "domain" (one domain per client).
     base_novel: split sorted classes into base (first ceil(n/2)) and novel.
+    root: folder holding the dataset's files (real datasets; `~` is expanded). See docs/DATASETS.md.
+    skip_bad_images: drop unreadable/truncated images (logged with their paths) instead of stopping.
+    download: let torchvision fetch a missing CoOp-layout dataset or CIFAR into `root` (needs
+        internet; CoOp datasets then get a split built from the official split files, not CoOp's).
+    class_order: "name" (labels = positions in the sorted cleaned class names) or "coop" (CoOp-layout
+        datasets: keep the label ids of CoOp's split file, the reference's base/novel split; differs
+        from "name" on Caltech101 and Flowers102 only; other datasets ignore it).
+    domains: domain-level datasets: the domains to use (empty: all of the dataset's domains).
     """
     dataset: str = _f("world")
     root: str | None = _f(None)
@@ -77,6 +94,9 @@ class DataConfig:
     held_out_domain: str | None = _f(None)
     augment_views: int = _f(0, lo=0)
     skip_bad_images: bool = _f(False)
+    download: bool = _f(False)
+    class_order: str = _f("name", choices=("name", "coop"))
+    domains: list[str] = _f([])
     world: WorldConfig = field(default_factory=WorldConfig)
 
 
@@ -90,7 +110,12 @@ class AlgorithmConfig:
     mu: weight of FedPGP's contrastive loss (0 disables it).
     tau: temperature of the contrastive loss.
     init_std: std of the N(0, std^2) init of all prompt parameters.
-    prox_mu: FedProx proximal weight for PromptFL (0 = plain PromptFL).
+    prox_mu: FedProx proximal weight for PromptFL (0 = plain PromptFL; the "fedprox" algorithm
+        uses 0.01 when this is 0).
+    kg_weight: weight W of FedKgCoOp's knowledge-guided term W * (1 - mean_c cos(f_c, f_c^clip)).
+    ot_eps: entropic regularisation of FedOTP's optimal transport (Sinkhorn).
+    ot_iters: Sinkhorn iterations of FedOTP's transport plan.
+    ot_mass: share of the image patches' mass FedOTP transports to the prompts (1 = balanced OT).
     """
     name: str = _f("fedpgp")
     n_ctx: int = _f(16, lo=1, hi=64)
@@ -100,6 +125,9 @@ class AlgorithmConfig:
     init_std: float = _f(0.02, lo=0.0, lo_open=True)
     prox_mu: float = _f(0.0, lo=0.0)
     kg_weight: float = _f(8.0, lo=0.0)
+    ot_eps: float = _f(0.01, lo=0.0, lo_open=True)
+    ot_iters: int = _f(100, lo=1)
+    ot_mass: float = _f(0.8, lo=0.0, hi=1.0, lo_open=True)
 
 
 @dataclass
@@ -155,10 +183,15 @@ class RuntimeConfig:
 
 @dataclass
 class TrackingConfig:
-    """MLflow tracking from the driver. checkpoint_every: log sigma every N rounds."""
+    """MLflow tracking from the driver. checkpoint_every: log sigma every N rounds.
+
+    uri: tracking store when MLFLOW_TRACKING_URI is unset (null: sqlite:///<output_dir>/mlflow.db).
+        See docs/TRACKING.md for the rules.
+    """
     mlflow: bool = _f(True)
     experiment: str = _f("fedpgp-ray")
     checkpoint_every: int = _f(1, lo=1)
+    uri: str | None = _f(None)
 
 
 @dataclass
@@ -262,7 +295,7 @@ def _apply(data: dict[str, Any], path: list[str], value: Any) -> None:
 def config_from_dict(data: dict[str, Any], overrides: list[str] = (), base_dir: Path | None = None
                      ) -> ExperimentConfig:
     """Validate a raw mapping (plus `key=value` overrides) into an ExperimentConfig."""
-    data = dict(data or {})
+    data = copy.deepcopy(data or {})  # overrides must not change the caller's nested dicts
     for item in overrides:
         _apply(data, *parse_override(item))
     cfg = _build(ExperimentConfig, data, "")

@@ -25,8 +25,9 @@ from fedpgp_ray.data.base import DataError
 from fedpgp_ray.federation import RoundListener, RoundReport, num_rounds, run_federation
 from fedpgp_ray.runtime import build_runtime
 from fedpgp_ray.strategy import RoundFailedError
+from fedpgp_ray.tracking import TrackingError, mlflow_listeners
 
-USER_ERRORS = (ConfigError, DataError, CheckpointError, RoundFailedError, FileNotFoundError)
+USER_ERRORS = (ConfigError, DataError, CheckpointError, RoundFailedError, FileNotFoundError, TrackingError)
 CONFIG_FILE = "config.yaml"
 
 
@@ -59,7 +60,7 @@ class ProgressBar:
 
 
 ListenerFactory = Callable[[ExperimentConfig, bool], list[RoundListener]]
-LISTENER_FACTORIES: list[ListenerFactory] = []
+LISTENER_FACTORIES: list[ListenerFactory] = [mlflow_listeners]
 
 
 def run_experiment(cfg: ExperimentConfig, resume: bool = False, progress: bool = True,

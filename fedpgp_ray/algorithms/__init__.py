@@ -2,13 +2,17 @@
 from __future__ import annotations
 
 from fedpgp_ray.algorithms.base import Algorithm, FrozenEncoders, LossTerms, Params
+from fedpgp_ray.algorithms.fedkgcoop import FedKgCoOp
+from fedpgp_ray.algorithms.fedotp import FedOTP
 from fedpgp_ray.algorithms.fedpgp import FedPGP
+from fedpgp_ray.algorithms.fedprox import FedProx
 from fedpgp_ray.algorithms.local import LocalCoOp
 from fedpgp_ray.algorithms.promptfl import PromptFL
 from fedpgp_ray.algorithms.zeroshot import ZeroShotClip
 from fedpgp_ray.config import AlgorithmConfig, ConfigError
 
-ALGORITHMS: dict[str, type[Algorithm]] = {cls.name: cls for cls in (ZeroShotClip, LocalCoOp, PromptFL, FedPGP)}
+ALGORITHMS: dict[str, type[Algorithm]] = {cls.name: cls for cls in (
+    ZeroShotClip, LocalCoOp, PromptFL, FedProx, FedKgCoOp, FedOTP, FedPGP)}
 
 
 def register_algorithm(cls: type[Algorithm]) -> type[Algorithm]:

@@ -1,0 +1,329 @@
+"""The Ray runtime: same metrics as in-process, failures survived, resume, GPU fallback, placement, jobs.
+
+One local Ray instance (2 CPUs, 1 fake GPU) serves the module; token auth is disabled so no
+test leaves ~/.ray/auth_token behind. The backbone is a seeded random tiny CLIP saved to a
+file, so the driver and every actor process load identical weights.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+ray = pytest.importorskip("ray")
+
+from fedpgp_ray.checkpoint import CheckpointStore  # noqa: E402
+from fedpgp_ray.config import QUICKSTART, config_from_dict  # noqa: E402
+from fedpgp_ray.federation import run_federation  # noqa: E402
+from fedpgp_ray.run import feature_cache_dir, main as run_main, run_experiment  # noqa: E402
+from fedpgp_ray.runtime.local import LocalRuntime  # noqa: E402
+from fedpgp_ray.runtime.ray import FaultPlan, GpuFallbackWarning, PlacementError, RayRuntime  # noqa: E402
+from fedpgp_ray.strategy import RoundFailedError  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+COMPARED = ("local", "base", "novel", "hm3", "hm2", "train_loss", "train_loss_ce", "train_loss_con")
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    """A fresh local Ray instance: 2 CPUs and one fake GPU (CUDA itself is absent)."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("RAY_AUTH_MODE", "disabled")  # no token file in ~/.ray (Ray >= 2.56 writes one otherwise)
+    patch.delenv("RAY_ADDRESS", raising=False)
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+    patch.undo()
+
+
+@pytest.fixture(scope="module")
+def tiny_weights(tmp_path_factory) -> str:
+    """A seeded random fedpgp-tiny checkpoint: identical weights in every process."""
+    import open_clip
+
+    from fedpgp_ray.clip.backbone import register_project_models
+    register_project_models()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1234)
+        model = open_clip.create_model("fedpgp-tiny")
+    path = tmp_path_factory.mktemp("weights") / "tiny.pt"
+    torch.save(model.state_dict(), path)
+    return str(path)
+
+
+def make_cfg(out: Path, weights: str, **runtime):
+    data = {
+        "seed": 0, "output_dir": str(out),
+        "model": {"name": "fedpgp-tiny", "pretrained": weights},
+        "data": {"dataset": "world", "shots": 4,
+                 "world": {"num_classes": 40, "train_per_class": 8, "test_per_class": 6}},
+        "train": {"rounds": 2, "local_epochs": 1, "batch_size": 8, "lr": 0.002},
+        "federation": {"num_clients": 5},
+        "tracking": {"mlflow": False},
+        "runtime": {"kind": "ray", "num_actors": 2, "num_cpus_per_actor": 1, "threads_per_worker": 1,
+                    "placement_timeout_s": 20, **runtime},
+    }
+    return config_from_dict(data)
+
+
+def run_ray(cfg, faults: FaultPlan | None = None) -> dict:
+    store = CheckpointStore(Path(cfg.output_dir) / "checkpoints")
+    with RayRuntime(cfg, store, feature_cache_dir(), faults=faults) as runtime:
+        return run_federation(cfg, runtime, store)
+
+
+def assert_same_metrics(a: dict, b: dict) -> None:
+    assert [r["round"] for r in a["rounds"]] == [r["round"] for r in b["rounds"]]
+    for ra, rb in zip(a["rounds"], b["rounds"]):
+        for key in COMPARED:
+            assert (key in ra["metrics"]) == (key in rb["metrics"]), key
+            if key in ra["metrics"]:
+                assert ra["metrics"][key] == pytest.approx(rb["metrics"][key], rel=1e-5, abs=1e-4), \
+                    (ra["round"], key)
+    assert a["final"] == pytest.approx(b["final"], rel=1e-5, abs=1e-4)
+
+
+@pytest.fixture(scope="module")
+def unfaulted(ray_session, tiny_weights, tmp_path_factory) -> dict:
+    """The reference Ray run (2 actors, no faults)."""
+    return run_ray(make_cfg(tmp_path_factory.mktemp("unfaulted"), tiny_weights))
+
+
+def test_local_and_ray_runtimes_give_the_same_metrics(unfaulted, tiny_weights, tmp_path):
+    cfg = make_cfg(tmp_path / "local", tiny_weights, kind="local")
+    threads = torch.get_num_threads()
+    try:
+        with LocalRuntime(cfg, CheckpointStore(tmp_path / "local" / "checkpoints"), feature_cache_dir()) as rt:
+            local = run_federation(cfg, rt, CheckpointStore(tmp_path / "local" / "checkpoints"))
+    finally:
+        torch.set_num_threads(threads)
+    assert_same_metrics(local, unfaulted)
+    trained = unfaulted["rounds"][1]["metrics"]
+    assert trained["clients_reported"] == 5 and trained["clients_failed"] == 0
+    assert trained["actor_restarts"] == 0 and trained["client_retries"] == 0
+
+
+@pytest.mark.slow
+def test_actor_killed_or_crashed_mid_round_is_replaced_and_metrics_match(unfaulted, tiny_weights, tmp_path):
+    # round 1: the driver ray.kill()s the actor serving client 2 right after submitting it;
+    # round 2: the actor process running client 1 exits (os._exit) mid-task.
+    faults = FaultPlan(kill={(1, 2)}, exit={(2, 1)})
+    doc = run_ray(make_cfg(tmp_path / "faulted", tiny_weights), faults)
+    for rnd in (1, 2):
+        m = doc["rounds"][rnd]["metrics"]
+        assert m["actor_restarts"] == 1, rnd  # the failure is recorded as a metric
+        assert m["client_retries"] >= 1
+        assert m["clients_reported"] == 5 and m["clients_failed"] == 0  # re-queued, round completed
+    assert_same_metrics(doc, unfaulted)  # replacement actors restored personal state from disk
+
+
+@pytest.mark.slow
+def test_client_that_keeps_failing_is_dropped_and_min_reporting_is_enforced(ray_session, tiny_weights, tmp_path):
+    cfg = make_cfg(tmp_path / "dropped", tiny_weights, max_client_retries=2)
+    store = CheckpointStore(tmp_path / "dropped" / "checkpoints")
+    with RayRuntime(cfg, store, feature_cache_dir(), faults=FaultPlan(fail={3})) as runtime:
+        doc = run_federation(cfg, runtime, store)
+        for rnd in (1, 2):
+            m = doc["rounds"][rnd]["metrics"]
+            assert m["clients_sampled"] == 5 and m["clients_reported"] == 4 and m["clients_failed"] == 1
+            assert m["client_retries"] == 2  # bounded: 1 attempt + max_client_retries retries
+            assert "train_loss" in doc["rounds"][rnd]["clients"]["0"]
+            assert "train_loss" not in doc["rounds"][rnd]["clients"].get("3", {})
+
+        strict = make_cfg(tmp_path / "strict", tiny_weights, max_client_retries=0)
+        strict.federation.min_reporting_clients = 5
+        with pytest.raises(RoundFailedError, match="min_reporting_clients=5"):
+            run_federation(strict, runtime, CheckpointStore(tmp_path / "strict" / "checkpoints"))
+
+
+class DriverKilled(Exception):
+    pass
+
+
+class KillDriverAfter:
+    def __init__(self, rnd: int) -> None:
+        self.rnd = rnd
+
+    def on_round(self, report, global_params) -> None:
+        if report.round == self.rnd:
+            raise DriverKilled(f"driver stopped after round {self.rnd}")
+
+
+@pytest.mark.slow
+def test_driver_killed_between_rounds_resumes_to_the_same_metrics(unfaulted, tiny_weights, tmp_path):
+    # one actor here, two in the reference run: which actor serves a client never changes results
+    cfg = make_cfg(tmp_path / "resumed", tiny_weights, num_actors=1)
+    with pytest.raises(DriverKilled):
+        run_experiment(cfg, progress=False, listeners=[KillDriverAfter(1)])
+    assert not (tmp_path / "resumed" / "results.json").exists()
+    assert (tmp_path / "resumed" / "checkpoints" / "server" / "round_1.pt").is_file()
+    # a new driver: new actors with empty memory, personal state restored from the run directory
+    assert run_main(["--resume", str(tmp_path / "resumed"), "--no-progress"]) == 0
+    doc = json.loads((tmp_path / "resumed" / "results.json").read_text())
+    assert doc["runtime"] == "ray"
+    assert_same_metrics(doc, unfaulted)
+
+
+def test_gpu_requested_but_cuda_absent_runs_on_cpu_with_one_warning(ray_session, tiny_weights, tmp_path):
+    cfg = make_cfg(tmp_path / "gpu", tiny_weights, num_gpus_per_actor=0.5, placement_timeout_s=30)
+    began = time.monotonic()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        runtime = RayRuntime(cfg, None, feature_cache_dir())
+    try:
+        fallbacks = [w for w in caught if issubclass(w.category, GpuFallbackWarning)]
+        assert len(fallbacks) == 1, [str(w.message) for w in caught]
+        # Ray scheduled each actor on the (fake) GPU, torch has no CUDA: the actors run on CPU
+        assert [(i["device"], i["gpu_ids"]) for i in runtime.actor_info] == [("cpu", ["0"])] * 2
+        results, failures = runtime.evaluate(0, [0, 1], runtime.initial_global_params())
+        assert [r.client_id for r in results] == [0, 1] and not failures
+    finally:
+        runtime.close()
+    assert time.monotonic() - began < 120
+
+
+def test_cluster_without_gpu_requests_none_and_warns_once(monkeypatch, tiny_weights, tmp_path):
+    """With no GPU in the cluster, GPU actors would stay pending forever: request none instead."""
+    runtime = object.__new__(RayRuntime)
+    runtime.cfg = make_cfg(tmp_path, tiny_weights, num_gpus_per_actor=0.25)
+    runtime.rc = runtime.cfg.runtime
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
+    with pytest.warns(GpuFallbackWarning, match="no GPU") as caught:
+        assert runtime._gpus_per_actor() == 0.0
+    assert len(caught) == 1
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0, "GPU": 1.0})
+    assert runtime._gpus_per_actor() == 0.25
+
+
+@pytest.mark.parametrize("runtime", [{"num_cpus_per_actor": 2}, {"num_gpus_per_actor": 1}],
+                         ids=["cpus", "gpus"])
+def test_unplaceable_actors_fail_fast_with_a_clear_error(ray_session, tiny_weights, tmp_path, capsys, runtime):
+    cfg = make_cfg(tmp_path / "big", tiny_weights, placement_timeout_s=2, **runtime)
+    began = time.monotonic()
+    with pytest.raises(PlacementError, match=r"cannot place 2 client actors .*runtime\.num_actors"):
+        RayRuntime(cfg, None, feature_cache_dir())
+    assert time.monotonic() - began < 30
+    # through the entry point: a one-line error and exit code 2, not a hang or a traceback
+    (tmp_path / "cfg.yaml").write_text(json.dumps({
+        "output_dir": str(tmp_path / "cli"), "model": {"pretrained": tiny_weights},
+        "tracking": {"mlflow": False},
+        "runtime": {"kind": "ray", "num_actors": 2, "placement_timeout_s": 2, **runtime}}))
+    assert run_main(["--config", str(tmp_path / "cfg.yaml"), "--no-progress"]) == 2
+    assert "cannot place 2 client actors" in capsys.readouterr().err
+    deadline = time.monotonic() + 10  # the placement group was removed: its CPUs are free again
+    while ray.available_resources().get("CPU", 0) < 2:
+        assert time.monotonic() < deadline, ray.available_resources()
+        time.sleep(0.2)
+
+
+# --------------------------------------------------------------------------------------------------
+# `ray start` + `ray job submit` end to end
+# --------------------------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def quickstart_weights(tiny_weights: str) -> list[str]:
+    """Use the shipped quickstart backbone when present; else the test's tiny checkpoint."""
+    from fedpgp_ray.clip.backbone import CheckpointError, resolve_pretrained
+    from fedpgp_ray.config import load_config
+    model = load_config(QUICKSTART).model
+    try:
+        resolve_pretrained(model.name, model.pretrained)
+        return []
+    except CheckpointError:
+        return ["--set", f"model.pretrained={tiny_weights}"]
+
+
+@pytest.mark.slow
+def test_ray_job_submit_runs_the_quickstart_on_a_started_cluster(tiny_weights, tmp_path):
+    bin_dir = Path(sys.executable).parent
+    ports = {name: free_port() for name in ("port", "dashboard-port", "ray-client-server-port",
+                                             "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                             "runtime-env-agent-port", "metrics-export-port")}
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("RAY_ADDRESS", None)
+    # a private temp dir (short: it holds Unix sockets) keeps this cluster's address file away from
+    # other Ray users of the machine, whose bare ray.init() would otherwise attach to it
+    temp_dir = Path(f"/tmp/fpr-{os.getpid()}-{ports['port']}")
+    head_log = tmp_path / "head.log"
+    # --block: this process owns the head node; SIGTERM to it stops exactly this cluster
+    # (`ray stop` would stop every Ray process of this user on the machine).
+    head = subprocess.Popen(
+        [str(bin_dir / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+         "--dashboard-host=127.0.0.1", "--num-cpus=2", "--disable-usage-stats", f"--temp-dir={temp_dir}",
+         *[f"--{name}={port}" for name, port in ports.items()]],
+        env=env, cwd=tmp_path, start_new_session=True, stdout=head_log.open("w"), stderr=subprocess.STDOUT)
+    address = f"http://127.0.0.1:{ports['dashboard-port']}"
+    try:
+        from ray.job_submission import JobStatus, JobSubmissionClient
+        deadline = time.monotonic() + 120
+        while True:
+            assert head.poll() is None, head_log.read_text()[-3000:]
+            try:
+                client = JobSubmissionClient(address)
+                client.list_jobs()
+                break
+            except Exception:
+                assert time.monotonic() < deadline, head_log.read_text()[-3000:]
+                time.sleep(1)
+        out = tmp_path / "job-output"  # absolute: the job's working directory is a temporary copy
+        runtime_env = {"env_vars": {"FEDPGP_CACHE_DIR": feature_cache_dir(), "RAY_AUTH_MODE": "disabled"}}
+        job = subprocess.run(
+            [str(bin_dir / "ray"), "job", "submit", "--address", address, "--submission-id", "fedpgp-quickstart",
+             "--working-dir", str(REPO), "--runtime-env-json", json.dumps(runtime_env), "--",
+             sys.executable, "-m", "fedpgp_ray.run", "--config", "configs/quickstart.yaml",
+             "--set", f"output_dir={out}", "--set", "runtime.kind=ray", "--set", "train.rounds=1",
+             "--set", "train.local_epochs=1", "--set", "tracking.mlflow=false", *quickstart_weights(tiny_weights),
+             "--no-progress"],
+            env=env, cwd=tmp_path, capture_output=True, text=True, timeout=420)
+        assert job.returncode == 0, (job.stdout + job.stderr)[-4000:]
+        assert client.get_job_status("fedpgp-quickstart") == JobStatus.SUCCEEDED
+        doc = json.loads((out / "results.json").read_text())
+        assert doc["runtime"] == "ray"
+        assert [r["round"] for r in doc["rounds"]] == [0, 1]
+        assert doc["rounds"][1]["metrics"]["clients_reported"] == doc["config"]["federation"]["num_clients"]
+        assert set(doc["final"]) == {"local", "base", "novel", "hm3", "hm2"}
+        assert (out / "checkpoints" / "server" / "round_1.pt").is_file()
+    finally:
+        head.send_signal(signal.SIGTERM)
+        try:
+            head.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait(timeout=30)
+        leftovers = _processes_using(temp_dir, wait_s=20)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    assert not leftovers, f"processes of the test cluster still running: {leftovers}"
+
+
+def _processes_using(temp_dir: Path, wait_s: float) -> list[str]:
+    """Command lines of live processes that mention the cluster's temp dir (its raylet, GCS, workers)."""
+    import psutil
+    deadline = time.monotonic() + wait_s
+    while True:
+        found = []
+        for proc in psutil.process_iter(["cmdline"]):
+            try:
+                cmd = " ".join(proc.info["cmdline"] or [])
+            except psutil.Error:
+                continue
+            if str(temp_dir) in cmd and proc.pid != os.getpid():
+                found.append(f"{proc.pid}: {cmd[:120]}")
+        if not found or time.monotonic() > deadline:
+            return found
+        time.sleep(1)
