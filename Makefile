@@ -3,8 +3,10 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
+# FedML pins numpy<2 and protobuf<4: its plugin is tested in a separate environment.
+FEDML_VENV := .venv-fedml
 
-.PHONY: run test env clean
+.PHONY: run test env fedml-env clean
 
 env: $(STAMP)
 
@@ -17,8 +19,15 @@ $(STAMP): requirements.txt requirements-test.txt setup.py
 run: $(STAMP)
 	$(BIN)/fedpgp-ray run
 
-test: $(STAMP)
-	$(BIN)/python -m pytest
+fedml-env:
+	PYTHON=$(PYTHON) bash plugins/fedml/make_env.sh
+
+# The Ray runtime tests start their own Ray instances: a separate process keeps them clear of
+# Ray state left by earlier tests in the same interpreter.
+test: $(STAMP) fedml-env
+	$(BIN)/python -m pytest --ignore=tests/test_ray_runtime.py
+	$(BIN)/python -m pytest tests/test_ray_runtime.py
+	$(FEDML_VENV)/bin/python -m pytest plugins/fedml/tests
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(FEDML_VENV) runs .pytest_cache

@@ -307,9 +307,11 @@ def world_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     if unknown:
         raise SystemExit(f"error: unknown variant(s) {unknown}: choose from {', '.join(VARIANTS)}")
     tmp = tempfile.mkdtemp(prefix="fedpgp-perf-")
+    owns_ray = False
     if any(n.startswith("ray") for n in names):
         import ray
         if not ray.is_initialized():
+            owns_ray = True
             # One local Ray instance for both Ray variants (logical CPUs: both pools placed at once;
             # only one variant computes at a time).
             ray.init(address="local", num_cpus=2 * args.threads, include_dashboard=False,
@@ -354,6 +356,9 @@ def world_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         for v in variants:
             if hasattr(v, "runtime") or hasattr(v, "run"):
                 v.close()
+        if owns_ray:
+            import ray
+            ray.shutdown()
     results = [v.result for v in variants]
     print(world_table(results, cfg, note, args, loads))
     return {"mode": "world", "config": note, "threads": args.threads, "load_1min": loads,
@@ -594,7 +599,7 @@ def step_comparison(bench: StepBench, steps: int, memory: PeakMemory, device: to
     return [{"path": "reference-style step", "s": ref_s, "steps_per_s": 1 / ref_s, "speedup": 1.0,
              "peak_work_mb": ref_peak, "all_s": ref_t},
             {"path": "our step", "s": our_s, "steps_per_s": 1 / our_s, "speedup": ref_s / our_s,
-             "peak_work_mb": our_peak, "all_s": our_t,
+             "peak_work_mb": our_peak, "all_s": our_t, "paired_speedups": [r / o for r, o in zip(ref_t, our_t)],
              "breakdown_share": {k: v / total for k, v in breakdown.items()}}]
 
 
@@ -611,8 +616,13 @@ def peak_of(memory: PeakMemory, device: torch.device, before: float) -> float:
 
 
 def format_steps(rows: list[dict[str, Any]], mem_label: str = "peak RSS above phase start") -> list[str]:
-    return [f"  {r['path']:<34}{r['s']:>8.3f} s/step{r['steps_per_s']:>8.2f} steps/s{r['speedup']:>7.1f}x   "
-            f"{mem_label} {r['peak_work_mb']:.0f} MiB" for r in rows]
+    lines = []
+    for r in rows:
+        paired = r.get("paired_speedups")
+        pairs = f" (back-to-back pairs {min(paired):.1f}x .. {max(paired):.1f}x)" if paired else ""
+        lines.append(f"  {r['path']:<48}{r['s']:>8.3f} s/step{r['steps_per_s']:>8.2f} steps/s{r['speedup']:>7.1f}x   "
+                     f"{mem_label} {r['peak_work_mb']:.0f} MiB{pairs}")
+    return lines
 
 
 def gpu_section(args: argparse.Namespace, names: list[str], out: dict[str, Any], device: str = "cuda",
