@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 
 from fedpgp_ray.algorithms import ALGORITHMS
+from fedpgp_ray.clip.backbone import CheckpointError
 from fedpgp_ray.config import ConfigError, ExperimentConfig, config_from_dict, config_to_dict, load_config
 
 DEFAULT_ALGORITHMS = "clip,local,promptfl,fedprox,fedkgcoop,fedotp,fedpgp"
@@ -202,6 +203,8 @@ def markdown_report(doc: dict[str, Any]) -> str:
     lines = [
         "# Comparison", "",
         f"Command: `{doc['command']}`", "",
+        f"Backbone: {doc['backbone']['name']} / {doc['backbone']['pretrained']}"
+        + (f" (sha256 {doc['backbone']['sha256']})" if doc["backbone"].get("sha256") else "") + ".", "",
         f"Dataset: {doc['dataset']}; seeds {', '.join(map(str, doc['seeds']))}; runtime {doc['runtime']}; "
         f"wall time {doc['wall_seconds']:.0f} s on {machine['cpu']} ({machine['cpu_count']} cores"
         f"{', ' + machine['cuda'] if machine.get('cuda') else ''}).", "",
@@ -256,7 +259,8 @@ def write_outputs(doc: dict[str, Any], out: Path) -> list[Path]:
             write_csv(summary_rows(doc["summary"], doc["seeds"]), out / "comparison.csv"),
             write_csv(run_rows(doc["runs"]), out / "runs.csv"),
             comparison_chart(doc["summary"], out / "comparison.png",
-                             f"{doc['dataset']}: {len(doc['seeds'])} seed(s)")]
+                             f"{doc['dataset']}, {doc['partition']} partition: mean ± std over "
+                             f"{len(doc['seeds'])} seed(s)")]
 
 
 # -- MLflow parent run ---------------------------------------------------------------------------------
@@ -325,14 +329,33 @@ class ParentRun:
 
 
 # -- the command ----------------------------------------------------------------------------------------
-def _reusable(cfg: ExperimentConfig) -> dict[str, Any] | None:
-    """The results of a finished earlier run with exactly this config, else None."""
-    path = Path(cfg.output_dir) / "results.json"
+BACKBONE_FILE = "backbone.json"  # in each run's output_dir: the weights it ran with (for --reuse)
+
+
+def backbone_identity(cfg: ExperimentConfig) -> dict[str, Any]:
+    """The backbone a run uses: model name, pretrained tag and, for a checkpoint file, its sha256.
+
+    A tag such as `fedpgp-world` can point at a rebuilt checkpoint; the hash tells the runs apart.
+    """
+    from fedpgp_ray.clip.backbone import resolve_pretrained, sha256_of
+
+    weights = resolve_pretrained(cfg.model.name, cfg.model.pretrained)
+    info: dict[str, Any] = {"name": cfg.model.name, "pretrained": cfg.model.pretrained}
+    if weights and Path(weights).is_file():
+        info["sha256"] = sha256_of(Path(weights))
+    return info
+
+
+def _reusable(cfg: ExperimentConfig, backbone: dict[str, Any]) -> dict[str, Any] | None:
+    """The results of a finished earlier run with exactly this config and backbone, else None."""
+    out = Path(cfg.output_dir)
     try:
-        doc = json.loads(path.read_text())
+        doc = json.loads((out / "results.json").read_text())
+        used = json.loads((out / BACKBONE_FILE).read_text())
     except (OSError, ValueError):
         return None
-    return doc if doc.get("config") == json.loads(json.dumps(config_to_dict(cfg))) else None
+    same = doc.get("config") == json.loads(json.dumps(config_to_dict(cfg))) and used == backbone
+    return doc if same else None
 
 
 def compare(base: ExperimentConfig, specs: list[AlgorithmSpec], seeds: list[int], out: Path, command: str = "",
@@ -349,20 +372,26 @@ def compare(base: ExperimentConfig, specs: list[AlgorithmSpec], seeds: list[int]
     parent = ParentRun(base, out, f"compare-{out.name}") if base.tracking.mlflow else None
     if parent is not None and not os.environ.get("MLFLOW_TRACKING_URI"):  # children log into the parent's store
         plan = [(seed, spec, run_config(base, spec, seed, out, parent.uri)) for seed, spec, _ in plan]
+    backbone = backbone_identity(base)  # the same for every run: checked before each one
     runs: list[dict[str, Any]] = []
     ok = False
     ray_started = _start_ray_once(base)
     try:
         for i, (seed, spec, cfg) in enumerate(plan, 1):
             tick = time.perf_counter()
-            doc = _reusable(cfg) if reuse else None
+            doc = _reusable(cfg, backbone) if reuse else None
             how = "reused" if doc is not None else "ran"
             if doc is None:
+                if backbone_identity(cfg) != backbone:
+                    raise CheckpointError(f"the backbone checkpoint changed during the comparison (before "
+                                          f"{spec.label} seed {seed}): the runs would mix two backbones; "
+                                          f"run the comparison again")
                 if parent is not None:
                     with parent.children():
                         doc = run_experiment(cfg, progress=progress)
                 else:
                     doc = run_experiment(cfg, progress=progress)
+                (Path(cfg.output_dir) / BACKBONE_FILE).write_text(json.dumps(backbone, indent=2))
             wall = float(doc.get("wall_seconds", time.perf_counter() - tick))
             runs.append({"label": spec.label, "algorithm": spec.name, "seed": seed, "output_dir": cfg.output_dir,
                          "task": task_fingerprint(cfg), "final": doc["final"], "wall_seconds": wall})
@@ -386,6 +415,7 @@ def compare(base: ExperimentConfig, specs: list[AlgorithmSpec], seeds: list[int]
         "algorithms": labels,
         "seeds": seeds,
         "config": config_to_dict(base),
+        "backbone": backbone,
         "machine": machine_info(),
         "wall_seconds": time.perf_counter() - began,
         "summary": summarize(runs, labels),

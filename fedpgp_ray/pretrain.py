@@ -148,7 +148,7 @@ def register_shipped(path: Path) -> str | None:
     return digest
 
 
-def pretrain(seed: int = 0, steps: int = 500, batch_size: int = 128, lr: float = 3e-3, weight_decay: float = 0.1,
+def pretrain(seed: int = 0, steps: int = 2500, batch_size: int = 128, lr: float = 3e-3, weight_decay: float = 0.1,
              warmup: int = 60, image_size: int = 32, threads: int = 2, progress: bool = True,
              log_every: int = 0, callback: Callable[[int, torch.nn.Module], None] | None = None
              ) -> torch.nn.Module:
@@ -220,7 +220,7 @@ def _with_table(model: torch.nn.Module, table: torch.Tensor, used: torch.Tensor)
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fedpgp_ray.pretrain", description=__doc__.split("\n\n")[0])
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=500)
+    parser.add_argument("--steps", type=int, default=2500)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--threads", type=int, default=2)

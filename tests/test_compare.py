@@ -94,9 +94,25 @@ def test_compare_two_algorithms_two_seeds(tmp_path, capsys):
     assert "| promptfl |" in md and "HM3" in md and doc["command"] in md
     assert (out / "comparison.png").read_bytes()[:4] == b"\x89PNG"
 
-    # --reuse: finished runs with the same config are not run again
+    # --reuse: finished runs with the same config and backbone are not run again
+    backbone = json.loads((out / "clip" / "seed0" / "backbone.json").read_text())
+    assert backbone == doc["backbone"] and backbone["pretrained"] is None
+    (out / "clip" / "seed1" / "backbone.json").write_text(json.dumps({**backbone, "sha256": "other"}))
     assert main([*argv, "--reuse"]) == 0
-    assert capsys.readouterr().out.count("(reused,") == 4
+    printed = capsys.readouterr().out
+    ran = [line for line in printed.splitlines() if "(ran," in line]
+    assert printed.count("(reused,") == 3 and len(ran) == 1 and "clip seed 1:" in ran[0]
+
+
+def test_compare_stops_when_the_checkpoint_changes_midway(tmp_path, capsys, monkeypatch):
+    import fedpgp_ray.compare as compare_module
+
+    hashes = iter(["a", "a", "b"])  # the start, before run 1, before run 2
+    monkeypatch.setattr(compare_module, "backbone_identity", lambda cfg: {"sha256": next(hashes)})
+    argv = ["--config", _config_file(tmp_path), "--algorithms", "clip", "--seeds", "0,1",
+            "--output-dir", str(tmp_path / "cmp"), "--no-progress"]
+    assert main(argv) == 2
+    assert "checkpoint changed during the comparison (before clip seed 1)" in capsys.readouterr().err
 
 
 def test_compare_user_errors_exit_2(tmp_path, capsys):

@@ -12,7 +12,7 @@ pytestmark = pytest.mark.slow
 
 def test_quickstart_fedpgp_improves_local_and_writes_every_key(tmp_path, capsys):
     out = tmp_path / "results.json"
-    code = main(["--set", f"output_dir={tmp_path / 'run'}", "--set", "train.rounds=10", "--set", "train.lr=0.01", "--set", "evaluation.every=5", "--set", "tracking.mlflow=false",
+    code = main(["--set", f"output_dir={tmp_path / 'run'}", "--set", "train.rounds=10", "--set", "evaluation.every=5", "--set", "tracking.mlflow=false",
                  "--set", "runtime.kind=local", "--output", str(out), "--no-progress"])
     assert code == 0
     table = capsys.readouterr().out
