@@ -17,7 +17,7 @@ $(STAMP): requirements.txt requirements-test.txt setup.py
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/fedpgp-ray run
+	$(BIN)/fedpgp-ray run --overwrite  # replaces the previous quickstart run in runs/quickstart
 
 fedml-env:
 	PYTHON=$(PYTHON) bash plugins/fedml/make_env.sh

@@ -1,4 +1,5 @@
 """fedpgp-ray: FedPGP federated prompt learning on CLIP, with Ray, MLflow and FedML integrations."""
+import re
 from pathlib import Path
 
 from setuptools import find_packages, setup
@@ -13,7 +14,7 @@ def requirements(name: str) -> list[str]:
 
 setup(
     name="fedpgp-ray",
-    version="0.1.0",
+    version=re.search(r'__version__ = "(.+)"', (here / "fedpgp_ray" / "__init__.py").read_text()).group(1),
     description="FedPGP (ICML 2024) federated prompt learning on frozen CLIP: Ray runtime, MLflow tracking, FedML plugin",
     python_requires=">=3.11,<3.12",
     packages=find_packages(include=["fedpgp_ray", "fedpgp_ray.*"]),
@@ -22,9 +23,9 @@ setup(
     install_requires=requirements("requirements.txt"),
     extras_require={
         "test": requirements("requirements-test.txt"),
-        # FedML pins numpy<2, protobuf<4 and an old importlib-metadata: install it only in its own
-        # environment (`make fedml-env`), never beside the main stack.
-        "fedml": ["fedml==0.9.6"],
+        # No "fedml" extra: FedML 0.9.6's pins (numpy<2, protobuf<4, importlib-metadata<2) do not
+        # resolve beside MLflow 3. The plugin is its own package (plugins/fedml), installed in its own
+        # environment by `make fedml-env`.
     },
     entry_points={"console_scripts": ["fedpgp-ray=fedpgp_ray.cli:main"]},
 )

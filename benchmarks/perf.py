@@ -321,7 +321,10 @@ def world_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         if n == "reference":
             variants.append(ReferenceVariant(n, "reference-style loop (fp32, sequential)", cfg, memory))
         elif n == "local":
-            variants.append(RuntimeVariant(n, f"in-process runtime ({args.threads} threads)", cfg, memory,
+            # kind=local explicitly: the quickstart config says `ray`, which would place a third actor pool
+            # and leave the Ray variants without CPUs (PlacementError on a 2-core machine)
+            local = dataclasses.replace(cfg, runtime=dataclasses.replace(cfg.runtime, kind="local"))
+            variants.append(RuntimeVariant(n, f"in-process runtime ({args.threads} threads)", local, memory,
                                            os.path.join(tmp, "cache-local")))
         else:
             actors = int(n[3:])
@@ -574,12 +577,57 @@ def vitb16_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     lines.append("")
     lines.append("where our step's time goes (CPU): " + ", ".join(
         f"{k} {v:.0%}" for k, v in rows[1]["breakdown_share"].items()))
+    out["efficiency"] = efficiency(bench, args.steps, torch.device("cpu"))
+    lines += ["", *format_efficiency(out["efficiency"])]
     out["load_after"] = load_average()
     lines.append(f"load after: {out['load_after']}")
     if torch.cuda.is_available():
         lines += ["", *gpu_section(args, names, out)]
     print("\n".join(lines))
     return out
+
+
+def counted_flops(fn) -> int:
+    """FLOPs of one call, counted by torch.utils.flop_counter (matmuls, attention, convolutions)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def efficiency(bench: StepBench, steps: int, device: torch.device, reference: bool = True) -> dict[str, Any]:
+    """Our step's achieved GFLOP/s (counted) against a same-process fp32 matmul of the text pass's main
+    GEMM shape (all tokens of the batched sigma / sigma + U V pass x width -> 4 x width, the MLP's
+    first layer), timed back to back so machine load hits both alike."""
+    prompts = bench.enc.prompts(bench.classnames)
+    n_cls, S, width = prompts.suffix.shape
+    rows = 2 * (1 + bench.n_ctx + n_cls * S)
+    a = torch.randn(rows, width, device=device)
+    w = torch.randn(width, 4 * width, device=device)
+    flops = counted_flops(bench.our_step)
+    mm_flops = 2 * rows * width * 4 * width
+    reps = max(int(flops / mm_flops), 1)  # about as many matmul FLOPs per timing as one step
+
+    def matmuls() -> None:
+        for _ in range(reps):
+            a @ w
+    step_t, mm_t = [], []
+    for _ in range(max(steps, 3)):
+        step_t.append(timed(bench.our_step, device))
+        mm_t.append(timed(matmuls, device))
+    step_rate = flops / statistics.median(step_t) / 1e9
+    mm_rate = mm_flops * reps / statistics.median(mm_t) / 1e9
+    return {"step_gflop": flops / 1e9, "step_s": statistics.median(step_t), "step_gflops": step_rate,
+            "matmul_shape": [rows, width, 4 * width], "matmul_gflops": mm_rate, "fraction": step_rate / mm_rate,
+            "reference_step_gflop": counted_flops(bench.reference_step) / 1e9 if reference else float("nan")}
+
+
+def format_efficiency(e: dict[str, Any]) -> list[str]:
+    m, k, n = e["matmul_shape"]
+    return [f"machine efficiency (FLOPs counted by torch.utils.flop_counter): our step {e['step_gflop']:.1f} GFLOP "
+            f"in {e['step_s']:.3f} s = {e['step_gflops']:.0f} GFLOP/s; fp32 matmul [{m} x {k}] @ [{k} x {n}] "
+            f"{e['matmul_gflops']:.0f} GFLOP/s; fraction {e['fraction']:.2f} (target >= 0.7). "
+            f"Reference-style step: {e['reference_step_gflop']:.1f} GFLOP."]
 
 
 def step_comparison(bench: StepBench, steps: int, memory: PeakMemory, device: torch.device) -> list[dict[str, Any]]:

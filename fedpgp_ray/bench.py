@@ -41,11 +41,13 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-from fedpgp_ray.checkpoint import CheckpointStore
 from fedpgp_ray.config import ExperimentConfig, config_from_dict, config_to_dict, load_config
-from fedpgp_ray.runtime.base import Runtime
+
+if TYPE_CHECKING:  # torch-backed: imported when a benchmark runs, so `--help` is instant
+    from fedpgp_ray.checkpoint import CheckpointStore
+    from fedpgp_ray.runtime.base import Runtime
 
 
 def peak_rss_mb() -> float:
@@ -84,6 +86,8 @@ class Variant:
     def setup(self) -> None:
         from fedpgp_ray.federation import build_strategy
         t = time.perf_counter()
+        from fedpgp_ray.checkpoint import CheckpointStore
+
         self.store = CheckpointStore(Path(self.cfg.output_dir) / "checkpoints")
         self.runtime = self.build(self.store)
         self.strategy = build_strategy(self.cfg)
@@ -266,6 +270,8 @@ def section_scale(ctx: BenchContext) -> dict[str, Any]:
     data["runtime"].update(kind="ray", num_actors=2, num_cpus_per_actor=float(per), threads_per_worker=per,
                            num_gpus_per_actor=0.0)
     cfg = config_from_dict(data)
+    from fedpgp_ray.checkpoint import CheckpointStore
+
     store = CheckpointStore(Path(cfg.output_dir) / "checkpoints")
     t = time.perf_counter()
     with RayRuntime(cfg, store, feature_cache_dir()) as runtime:
@@ -371,7 +377,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fedpgp-ray bench", description="Time federated rounds in-process and "
                                 "on Ray actors; Ray's per-task overhead; peak memory; a many-client run.",
                                 epilog=__doc__.split("\n\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="YAML config (default: the quickstart)")
+    p.add_argument("--config", help="YAML file, or the name of a packaged config (e.g. world_domains, "
+                                   "paper/caltech101_b2n_16shot; `fedpgp-ray configs` lists them); "
+                                   "default: quickstart")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     p.add_argument("--rounds", type=int, default=4, help="training rounds timed per variant (default 4)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 2,
@@ -381,9 +389,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variants", default="local,ray1,ray2", help="runtimes timed by the rounds section")
     p.add_argument("--address", help="use this Ray cluster instead of starting a local instance")
     p.add_argument("--overhead-tasks", type=int, default=300, help="no-op tasks timed by the overhead section")
-    p.add_argument("--scale-clients", type=int, default=1000)
-    p.add_argument("--scale-fraction", type=float, default=0.05)
-    p.add_argument("--scale-rounds", type=int, default=2)
+    p.add_argument("--scale-clients", type=int, default=1000, help="simulated clients of the scale section")
+    p.add_argument("--scale-fraction", type=float, default=0.05,
+                   help="share of clients sampled per round in the scale section")
+    p.add_argument("--scale-rounds", type=int, default=2, help="rounds of the scale section")
     p.add_argument("--json", help="also write every figure to this JSON file")
     return p
 

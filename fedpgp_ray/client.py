@@ -7,20 +7,28 @@ the sample count leave a client. Runtimes (in-process, Ray actors) wrap this cla
 """
 from __future__ import annotations
 
+import logging
+import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from fedpgp_ray.algorithms import Algorithm, FrozenEncoders, Params, build_algorithm
-from fedpgp_ray.checkpoint import CheckpointStore
+from fedpgp_ray.checkpoint import CheckpointStore, MissingClientState
 from fedpgp_ray.clip.backbone import load_clip
-from fedpgp_ray.clip.features import ImageFeatureCache
+from fedpgp_ray.clip.features import FeatureRequest, ImageFeatureCache
 from fedpgp_ray.config import ExperimentConfig
 from fedpgp_ray.data.base import ClassificationDataset
 from fedpgp_ray.data.partition import EvalSet, FederatedPartition, partition_dataset
 from fedpgp_ray.data.registry import build_dataset
+from fedpgp_ray.privacy import clip_upload
+
+
+log = logging.getLogger(__name__)
 
 
 def seeded_generator(*parts: int) -> torch.Generator:
@@ -30,6 +38,7 @@ def seeded_generator(*parts: int) -> torch.Generator:
 
 
 GLOBAL_INIT, PERSONAL_INIT, TRAIN_STREAM = 101, 202, 303
+TEST_CHUNK = 2048  # test images per feature-cache entry: fixed index ranges, shared by every actor and run
 
 
 @dataclass
@@ -79,14 +88,16 @@ class ClientWorker:
         self.encoders = FrozenEncoders(load_clip(cfg.model, device), cfg.algorithm.n_ctx)
         self.store = store
         self.states: dict[int, ClientState] = {}
-        self._cache = ImageFeatureCache(self.encoders.clip, cache_dir, cfg.evaluation.batch_size)
-        self._train_index = np.unique(np.concatenate([c.train_indices for c in self.partition.clients]))
-        self._train_features: torch.Tensor | None = None
+        self.reinits: set[int] = set()  # clients re-initialised for lack of a saved state, not yet reported
+        self._cache = ImageFeatureCache(self.encoders.clip, cache_dir, cfg.evaluation.batch_size,
+                                        content_hash=cfg.data.cache_content_hash)
+        # Features per client (its training shard, in train_indices order) and of the whole test set.
+        self._train_features: dict[int, torch.Tensor] = {}
         self._test_features: torch.Tensor | None = None
         # Algorithms that declare `uses_patch_tokens = True` (FedOTP) get patch_tokens=[n, P, D] as a
         # keyword of loss() and logits(); the others never compute or receive them.
         self._uses_tokens = bool(getattr(self.algorithm, "uses_patch_tokens", False))
-        self._train_tokens: torch.Tensor | None = None
+        self._train_tokens: dict[int, torch.Tensor] = {}
         self._test_tokens: torch.Tensor | None = None
 
     @property
@@ -98,35 +109,121 @@ class ClientWorker:
         return init_global_params(self.algorithm, self.encoders.width, self.cfg.seed)
 
     # -- features ----------------------------------------------------------------------------------
-    def _features(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._train_features is None:
-            views = self.cfg.data.augment_views
-            train = self._cache.features(self.dataset.name, "train", self.dataset.train, self._train_index,
-                                         views=views, seed=self.cfg.seed)
-            test = self._cache.features(self.dataset.name, "test", self.dataset.test,
-                                        np.arange(len(self.dataset.test)))
-            self._train_features, self._test_features = train.to(self.device), test.to(self.device)
-            if self._uses_tokens:
-                train_tok = self._cache.patch_tokens(self.dataset.name, "train", self.dataset.train,
-                                                     self._train_index, views=views, seed=self.cfg.seed)
-                test_tok = self._cache.patch_tokens(self.dataset.name, "test", self.dataset.test,
-                                                    np.arange(len(self.dataset.test)))
-                self._train_tokens, self._test_tokens = train_tok.to(self.device), test_tok.to(self.device)
-        return self._train_features, self._test_features
+    def _load_features(self, client_ids: list[int]) -> None:
+        """Features of these clients' training shards and (once) of the test set, from the shared cache.
 
-    def prepare(self) -> int:
-        """Encode (or load) all image features now; returns the number of feature rows."""
-        train, test = self._features()
-        return train.shape[-2] + test.shape[0]
+        One cache entry per client shard and per fixed range of test images: a Ray actor reads or
+        encodes only its own clients' images, and actors on one node share the test set's entries
+        (each entry is encoded by one of them; see ImageFeatureCache.fetch).
+        """
+        kinds = ["patch_tokens", "pooled"] if self._uses_tokens else ["pooled"]  # the token pass caches both
+        views, name = self.cfg.data.augment_views, self.dataset.name
+        wanted: list[tuple[int | None, FeatureRequest]] = []  # (client id or None for test, request)
+        for cid in client_ids:
+            shard = self.partition.clients[cid].train_indices
+            wanted += [(cid, FeatureRequest(name, f"train/client{cid}", self.dataset.train, shard, views,
+                                            self.cfg.seed, kind)) for kind in kinds]
+        if self._test_features is None:
+            n = len(self.dataset.test)
+            for start in range(0, max(n, 1), TEST_CHUNK):
+                rows = np.arange(start, min(start + TEST_CHUNK, n))
+                wanted += [(None, FeatureRequest(name, "test", self.dataset.test, rows, kind=kind)) for kind in kinds]
+        values = self._cache.fetch([request for _, request in wanted])
+        test: dict[str, list[torch.Tensor]] = {kind: [] for kind in kinds}
+        for (cid, request), value in zip(wanted, values):
+            if cid is None:
+                test[request.kind].append(value)
+            elif request.kind == "pooled":
+                self._train_features[cid] = value.to(self.device)
+            else:
+                self._train_tokens[cid] = value.to(self.device)
+        if self._test_features is None:
+            self._test_features = torch.cat(test["pooled"]).to(self.device)
+            if self._uses_tokens:
+                self._test_tokens = torch.cat(test["patch_tokens"]).to(self.device)
+
+    def _client_features(self, client_id: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if client_id not in self._train_features:
+            self._load_features([client_id])
+        return self._train_features[client_id], self._train_tokens.get(client_id)
+
+    def _test(self) -> torch.Tensor:
+        if self._test_features is None:
+            self._load_features([])
+        return self._test_features
+
+    def prepare(self, client_ids: list[int] | None = None) -> int:
+        """Encode (or read from the cache) the features of these clients (default: all) and of the test
+        set now; returns the number of feature rows held."""
+        ids = list(range(len(self.partition.clients))) if client_ids is None else list(client_ids)
+        self._load_features([c for c in ids if c not in self._train_features])
+        return sum(self._train_features[c].shape[-2] for c in ids) + self._test_features.shape[0]
+
+    @property
+    def encoded_images(self) -> int:
+        """Image passes this worker ran through the image tower (0 when everything came from the cache)."""
+        return self._cache.encoded_images
+
+    def dataset_manifest(self) -> dict[str, Any]:
+        """What this run loaded, for results.json and MLflow: dataset, root, class names in label order,
+        base and novel names, image counts per split and per client, and the feature-cache key used."""
+        ds, part, data = self.dataset, self.partition, self.cfg.data
+        names = part.classnames
+        novel = part.novel
+        common = self._cache.key_fields(FeatureRequest(ds.name, "train", ds.train, np.zeros(0, dtype=np.int64),
+                                                       data.augment_views, self.cfg.seed))
+        test_fields = self._cache.key_fields(FeatureRequest(ds.name, "test", ds.test, np.zeros(0, dtype=np.int64)))
+        return {
+            "dataset": data.dataset,
+            "identity": ds.name,
+            "root": str(Path(data.root).expanduser().absolute()) if data.root else None,
+            "classnames": list(ds.classnames),
+            "domains": list(ds.domains),
+            "base_classes": [names[c] for c in part.train_classes],
+            "novel_classes": ([names[c] for c in novel.classes] if novel is not None and part.novel_kind == "classes"
+                              else []),
+            "novel_kind": part.novel_kind,
+            "held_out_domain": data.held_out_domain,
+            "partition": {"kind": data.partition, "shots": data.shots, "class_order": data.class_order,
+                          "partition_seed": data.partition_seed, "local_test": data.local_test,
+                          "few_shot_pool": data.few_shot_pool},
+            "images": {"train": len(ds.train), "test": len(ds.test),
+                       "base_test": len(part.base.indices), "novel_test": 0 if novel is None else len(novel.indices)},
+            "clients": {str(c.client_id): {"train": len(c.train_indices), "local_test": len(c.local.indices),
+                                           "classes": len(c.classes), **({"domain": c.domain} if c.domain else {})}
+                        for c in part.clients},
+            "feature_cache": {
+                "directory": str(self._cache.directory) if self._cache.directory else None,
+                "key_fields": sorted(common),
+                "train": {k: v for k, v in common.items() if k not in ("kind", "images", "images_sha256")},
+                "test_transform": test_fields["transform"],
+                "entries": list(self._cache.keys_used),
+            },
+        }
 
     # -- client state --------------------------------------------------------------------------------
     def state(self, client_id: int, before_round: int) -> ClientState:
-        """The client's state, from memory, else the store, else a fresh seeded init."""
+        """The client's state, from memory, else the store, else a fresh seeded init.
+
+        A client that trained before (the server's checkpointed history says so) but has no saved
+        state gets no silent fresh init: MissingClientState, unless runtime.allow_state_reinit
+        (then it is re-initialised and counted in `state_reinits`).
+        """
         if client_id not in self.states:
             saved = self.store.load_client(client_id, before_round - 1) if self.store else None
             if saved is not None:
                 self.states[client_id] = ClientState(saved["personal"], saved.get("optimizer"))
             else:
+                if self.store is not None and self.store.trained_before(client_id, before_round):
+                    where = self.store.storage.display(f"clients/{client_id}")
+                    if not self.cfg.runtime.allow_state_reinit:
+                        raise MissingClientState(
+                            f"client {client_id} trained before round {before_round} but its personal state "
+                            f"is not in {where}: restore the run directory (or use storage all nodes share), "
+                            f"or set runtime.allow_state_reinit=true to start it again from a fresh init")
+                    log.warning("client %d: no saved personal state in %s; re-initialised "
+                                "(runtime.allow_state_reinit)", client_id, where)
+                    self.reinits.add(client_id)
                 gen = seeded_generator(self.cfg.seed, PERSONAL_INIT, client_id)
                 self.states[client_id] = ClientState(self.algorithm.init_personal(self.encoders.width, gen))
         return self.states[client_id]
@@ -138,10 +235,7 @@ class ClientWorker:
         cfg, tc = self.cfg, self.cfg.train
         part = self.partition.clients[client_id]
         state = self.state(client_id, rnd)
-        train_feats, _ = self._features()
-        rows = torch.as_tensor(np.searchsorted(self._train_index, part.train_indices), device=self.device)
-        feats = train_feats[..., rows, :]
-        tokens = self._train_tokens[..., rows, :, :] if self._uses_tokens else None
+        feats, tokens = self._client_features(client_id)
         labels = self._labels(self.dataset.train.labels[part.train_indices], self.partition.train_classes)
         names = [self.partition.classnames[c] for c in self.partition.train_classes]
 
@@ -185,7 +279,13 @@ class ClientWorker:
             self.store.save_client(client_id, rnd, {"personal": state.personal, "optimizer": state.optimizer})
         metrics = {k: v / max(steps, 1) for k, v in sums.items()}
         metrics.update(steps=float(steps), fit_seconds=time.perf_counter() - start)
+        if client_id in self.reinits:
+            self.reinits.discard(client_id)
+            metrics["state_reinit"] = 1.0
         upload = {k: params[k].detach().cpu() for k in self.algorithm.global_keys}
+        if cfg.privacy.enabled and upload:  # DP: the update is clipped here, on the client, before it leaves
+            clip = cfg.privacy.clip_norm if cfg.privacy.clip_norm is not None else math.inf
+            upload = clip_upload(upload, {k: global_params[k].detach().cpu() for k in upload}, clip)
         return FitResult(client_id, upload, n, metrics)
 
     # -- evaluate -------------------------------------------------------------------------------------
@@ -203,7 +303,7 @@ class ClientWorker:
     def _accuracy(self, params: Params, eval_set: EvalSet) -> float:
         if len(eval_set.indices) == 0:
             return float("nan")
-        _, test_feats = self._features()
+        test_feats = self._test()
         names = [self.partition.classnames[c] for c in eval_set.classes]
         rows = torch.as_tensor(eval_set.indices, device=self.device)
         extra = {"patch_tokens": self._test_tokens[rows].float()} if self._uses_tokens else {}

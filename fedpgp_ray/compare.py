@@ -18,7 +18,7 @@ Outputs in DIR: comparison.csv / .md / .json (mean +- sample std over seeds of e
 Local / Base / Novel / HM3 / HM2), runs.csv (every run), comparison.png (grouped bars, std error
 bars). With tracking on (`tracking.mlflow: true`) a parent MLflow run holds the summary and
 the files, and every run is its child run (in one store: `tracking.uri`, else
-`<DIR>/mlflow.db`). The runtime (`runtime.kind`: local or ray) comes from the config.
+`<parent of DIR>/mlflow.db`). The runtime (`runtime.kind`: local or ray) comes from the config.
 """
 from __future__ import annotations
 
@@ -32,16 +32,13 @@ import os
 import platform
 import re
 import shlex
+import statistics
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from fedpgp_ray.algorithms import ALGORITHMS
-from fedpgp_ray.clip.backbone import CheckpointError
 from fedpgp_ray.config import ConfigError, ExperimentConfig, config_from_dict, config_to_dict, load_config
 
 DEFAULT_ALGORITHMS = "clip,local,promptfl,fedprox,fedkgcoop,fedotp,fedpgp"
@@ -67,6 +64,8 @@ class AlgorithmSpec:
 
 def parse_algorithms(text: str) -> list[AlgorithmSpec]:
     """'clip,fedpgp:mu=0' -> specs; unknown names and malformed overrides raise ConfigError."""
+    from fedpgp_ray.algorithms import ALGORITHMS
+
     specs = []
     for item in (s.strip() for s in text.split(",")):
         if not item:
@@ -108,6 +107,9 @@ def run_config(base: ExperimentConfig, spec: AlgorithmSpec, seed: int, out: Path
     """The config of one run: the base config with this seed, algorithm, overrides and output dir."""
     sets = [f"seed={seed}", f"algorithm.name={spec.name}", f"output_dir={out / spec.slug / f'seed{seed}'}"]
     sets += [f"algorithm.{k}={v}" for k, v in spec.overrides]
+    # A comparison measures; it does not deploy: registering 11 models per child run would only
+    # fill the registry (run the chosen algorithm with `fedpgp-ray run` to get its models).
+    sets.append("tracking.log_models=false")
     if tracking_uri:
         sets.append(f"tracking.uri={tracking_uri}")
     try:
@@ -138,9 +140,9 @@ def summarize(runs: list[dict[str, Any]], labels: list[str]) -> dict[str, dict[s
             if not finite:
                 out[label][key] = {"mean": None, "std": None, "n": 0, "values": values}
                 continue
-            std = float(np.std(finite, ddof=1)) if len(finite) > 1 else 0.0
-            out[label][key] = {"mean": float(np.mean(finite)), "std": std, "n": len(finite), "values": values}
-        out[label]["wall_seconds"] = {"mean": float(np.mean([r["wall_seconds"] for r in mine])) if mine else None,
+            std = statistics.stdev(finite) if len(finite) > 1 else 0.0  # sample std (ddof 1)
+            out[label][key] = {"mean": statistics.fmean(finite), "std": std, "n": len(finite), "values": values}
+        out[label]["wall_seconds"] = {"mean": statistics.fmean([r["wall_seconds"] for r in mine]) if mine else None,
                                       "total": float(sum(r["wall_seconds"] for r in mine))}
     return out
 
@@ -383,14 +385,17 @@ def compare(base: ExperimentConfig, specs: list[AlgorithmSpec], seeds: list[int]
             how = "reused" if doc is not None else "ran"
             if doc is None:
                 if backbone_identity(cfg) != backbone:
+                    from fedpgp_ray.clip.backbone import CheckpointError
+
                     raise CheckpointError(f"the backbone checkpoint changed during the comparison (before "
                                           f"{spec.label} seed {seed}): the runs would mix two backbones; "
                                           f"run the comparison again")
+                # a comparison owns its run folders: running it again replaces their runs
                 if parent is not None:
                     with parent.children():
-                        doc = run_experiment(cfg, progress=progress)
+                        doc = run_experiment(cfg, progress=progress, overwrite=True)
                 else:
-                    doc = run_experiment(cfg, progress=progress)
+                    doc = run_experiment(cfg, progress=progress, overwrite=True)
                 (Path(cfg.output_dir) / BACKBONE_FILE).write_text(json.dumps(backbone, indent=2))
             wall = float(doc.get("wall_seconds", time.perf_counter() - tick))
             runs.append({"label": spec.label, "algorithm": spec.name, "seed": seed, "output_dir": cfg.output_dir,
@@ -453,7 +458,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fedpgp-ray compare",
         description="Run several algorithms over several seeds on identical partitions and tabulate "
                     "Local / Base / Novel / HM3 / HM2 as mean ± std.")
-    parser.add_argument("--config", help="YAML config (default: the quickstart)")
+    parser.add_argument("--config", help="YAML file, or the name of a packaged config (e.g. world_domains, "
+                                        "paper/caltech101_b2n_16shot; `fedpgp-ray configs` lists them); "
+                                        "default: quickstart")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key for every run, e.g. --set train.rounds=5 (repeatable)")
     parser.add_argument("--algorithms", default=DEFAULT_ALGORITHMS,
@@ -471,10 +478,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from fedpgp_ray.run import USER_ERRORS
-
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    from fedpgp_ray.run import user_errors  # after parsing: `--help` stays instant
+
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         base = load_config(args.config, args.set)
@@ -488,7 +495,7 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.output_dir).expanduser() if args.output_dir else Path(base.output_dir) / "compare"
         command = "fedpgp-ray compare " + " ".join(shlex.quote(a) for a in argv)
         doc = compare(base, specs, seeds, out, command, progress=not args.no_progress, reuse=args.reuse)
-    except USER_ERRORS as err:
+    except user_errors() as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(format_summary(doc["summary"]))

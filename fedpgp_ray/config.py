@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -16,7 +17,12 @@ from typing import Any
 
 import yaml
 
-QUICKSTART = Path(__file__).resolve().parent / "configs" / "quickstart.yaml"
+from fedpgp_ray.storage import is_uri
+
+# The configs shipped in the package (fedpgp_ray/configs, a link to the repository's configs/):
+# `--config quickstart` or `--config paper/caltech101_b2n_16shot` name one of them.
+CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
+QUICKSTART = CONFIGS_DIR / "quickstart.yaml"
 
 
 class ConfigError(ValueError):
@@ -42,7 +48,7 @@ class ModelConfig:
     name: open_clip model name (e.g. "ViT-B-16") or a project config ("fedpgp-tiny").
     pretrained: open_clip pretrained tag ("openai"), a local checkpoint path, or
         null for random weights (tests, speed benchmarks only).
-    precision: "fp32" everywhere, or "amp" (bf16 autocast on CUDA; fp32 on CPU).
+    precision: "fp32" everywhere, or "amp" (bf16 autocast, on CUDA and on CPU).
     """
     name: str = _f("fedpgp-tiny")
     pretrained: str | None = _f("fedpgp-world")
@@ -84,6 +90,15 @@ class DataConfig:
         datasets: keep the label ids of CoOp's split file, the reference's base/novel split; differs
         from "name" on Caltech101 and Flowers102 only; other datasets ignore it).
     domains: domain-level datasets: the domains to use (empty: all of the dataset's domains).
+    partition_seed: seed of the pathological class shuffle, fixed by default (the reference's 2023) so
+        experiment seeds vary training noise, not partitions; null: use the experiment seed.
+    local_test: Dirichlet partitions: "split" (each client's local test set is split from the test set
+        per class with the client's Dirichlet proportions, the reference's rule) or "classes" (every test
+        image of every class the client holds; the sets overlap).
+    few_shot_pool: CoOp-layout datasets: the split few-shot images are drawn from, "train" (CoOp and the
+        reference) or "train+val".
+    cache_content_hash: identify image files in feature-cache keys by the sha256 of their bytes (reads
+        every file once per run) instead of path, size and modification time.
     """
     dataset: str = _f("world")
     root: str | None = _f(None)
@@ -97,6 +112,10 @@ class DataConfig:
     download: bool = _f(False)
     class_order: str = _f("name", choices=("name", "coop"))
     domains: list[str] = _f([])
+    partition_seed: int | None = _f(2023, lo=0)
+    local_test: str = _f("split", choices=("split", "classes"))
+    few_shot_pool: str = _f("train", choices=("train", "train+val"))
+    cache_content_hash: bool = _f(False)
     world: WorldConfig = field(default_factory=WorldConfig)
 
 
@@ -170,6 +189,11 @@ class RuntimeConfig:
     address: Ray cluster to attach to (null: RAY_ADDRESS, a running cluster, or a new local one).
     max_client_retries: attempts for a client whose actor died, before it is dropped.
     placement_timeout_s: fail start-up if the actors cannot be placed in this time.
+    task_timeout_s: a client task running longer is treated as hung: its actor is killed and replaced,
+        the client re-queued (counted as `tasks_timed_out`). null: max(600 s, 10 x the slowest task
+        completed in the run) (see fedpgp_ray.runtime.ray.task_timeout).
+    allow_state_reinit: a client that trained before but whose saved personal state cannot be found
+        is an error (false); true starts it again from a fresh init, counted as `state_reinits`.
     """
     kind: str = _f("local", choices=("local", "ray"))
     num_actors: int = _f(2, lo=1)
@@ -178,20 +202,49 @@ class RuntimeConfig:
     address: str | None = _f(None)
     max_client_retries: int = _f(2, lo=0)
     placement_timeout_s: float = _f(60.0, lo=0.0, lo_open=True)
+    task_timeout_s: float | None = _f(None, lo=0.0, lo_open=True)
     threads_per_worker: int = _f(0, lo=0)
+    allow_state_reinit: bool = _f(False)
 
 
 @dataclass
 class TrackingConfig:
     """MLflow tracking from the driver. checkpoint_every: log sigma every N rounds.
 
-    uri: tracking store when MLFLOW_TRACKING_URI is unset (null: sqlite:///<output_dir>/mlflow.db).
+    uri: tracking store when MLFLOW_TRACKING_URI is unset (null: sqlite:///<parent of output_dir>/mlflow.db).
         See docs/TRACKING.md for the rules.
+    config_file: the config the experiment was loaded from (set by load_config; logged as a tag).
+    log_models: at the end of the run, log each client's classifier and the global one as MLflow
+        Models and register them (`<experiment>-client-<id>`, `<experiment>-global`; docs/SERVING.md).
     """
     mlflow: bool = _f(True)
     experiment: str = _f("fedpgp-ray")
     checkpoint_every: int = _f(1, lo=1)
     uri: str | None = _f(None)
+    config_file: str | None = _f(None)
+    log_models: bool = _f(True)
+
+
+@dataclass
+class PrivacyConfig:
+    """Client-level differential privacy of the global prompt (DP-FedAvg; see docs/PRIVACY.md).
+
+    enabled: clip each client's update, Poisson-sample clients with rate federation.client_fraction,
+        add Gaussian noise on the server, unweighted fixed-denominator average, epsilon every round.
+    noise_multiplier: z; the noise on the sum of clipped updates has std z * clip_norm (0: no noise,
+        no guarantee). clip_norm: C, L2 bound of each client's update over all global tensors (null:
+        no clipping, only with noise_multiplier 0). target_delta: the delta epsilon is reported at.
+    max_epsilon: stop the run after the last round whose epsilon stays within it (null: no limit).
+    seeded: draw client sampling and noise from the config seed (reproducible; but anyone who knows
+        the seed, which MLflow records, can undo the noise: for tests and experiments only), else
+        from the operating system's entropy.
+    """
+    enabled: bool = _f(False)
+    noise_multiplier: float = _f(1.0, lo=0.0)
+    clip_norm: float | None = _f(0.1, lo=0.0, lo_open=True)
+    target_delta: float = _f(1e-5, lo=0.0, lo_open=True)  # < 1: checked in config_from_dict
+    max_epsilon: float | None = _f(None, lo=0.0, lo_open=True)
+    seeded: bool = _f(False)
 
 
 @dataclass
@@ -207,6 +260,7 @@ class ExperimentConfig:
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
 
 def _describe(check: dict[str, Any]) -> str:
@@ -259,6 +313,9 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
             kwargs[name] = _build(tp, data.get(name, {}) or {}, key + ".")
             continue
         value = _coerce(key, data[name], tp) if name in data else getattr(cls(), name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"config key '{key}' = {value!r} is not a finite number: write a number "
+                              f"(NaN and infinities are refused)")
         check = f.metadata.get("check")
         if check and value is not None and not _in_range(value, check):
             raise ConfigError(f"config key '{key}' = {value!r} is out of range: must be {_describe(check)}")
@@ -280,7 +337,12 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
         raise ConfigError(f"--set expects key.path=value, got {item!r}: e.g. --set train.rounds=5")
     key, raw = item.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--set {key.strip()}: value {raw!r} is not valid YAML ({str(err).splitlines()[0]}): "
+                          f"quote it, e.g. --set '{key.strip()}=\"...\"'") from None
+    return key.strip().split("."), value
 
 
 def _apply(data: dict[str, Any], path: list[str], value: Any) -> None:
@@ -302,20 +364,57 @@ def config_from_dict(data: dict[str, Any], overrides: list[str] = (), base_dir: 
     if cfg.federation.min_reporting_clients > cfg.federation.num_clients:
         raise ConfigError(f"config key 'federation.min_reporting_clients' = {cfg.federation.min_reporting_clients}"
                           f" is out of range: must be <= federation.num_clients ({cfg.federation.num_clients})")
-    out = Path(cfg.output_dir).expanduser()
-    cfg.output_dir = str(out if out.is_absolute() else (base_dir or Path.cwd()) / out)
+    if cfg.privacy.target_delta >= 1:
+        raise ConfigError(f"config key 'privacy.target_delta' = {cfg.privacy.target_delta!r} is out of range: "
+                          f"must be > 0 and < 1 (e.g. 1e-5, below 1 / federation.num_clients)")
+    if cfg.privacy.enabled and cfg.privacy.noise_multiplier > 0 and cfg.privacy.clip_norm is None:
+        raise ConfigError("config key 'privacy.clip_norm' is null (no clipping) but privacy.noise_multiplier > 0: "
+                          "noise only protects clipped updates; set a clip_norm (e.g. 0.1)")
+    if not is_uri(cfg.output_dir):  # s3://, gs://, file:// run storage stays as written
+        out = Path(cfg.output_dir).expanduser()
+        cfg.output_dir = str(out if out.is_absolute() else (base_dir or Path.cwd()) / out)
     return cfg
+
+
+def packaged_configs() -> list[str]:
+    """Names of the configs shipped in the package ("quickstart", "paper/caltech101_b2n_16shot", ...)."""
+    return sorted(p.relative_to(CONFIGS_DIR).with_suffix("").as_posix() for p in CONFIGS_DIR.rglob("*.yaml"))
+
+
+def resolve_config_path(path: str | Path | None) -> Path:
+    """An existing file path wins; else a packaged config name (with or without .yaml, with or
+    without a leading configs/); None is the quickstart."""
+    if path is None:
+        return QUICKSTART
+    path = Path(path).expanduser()
+    if path.is_file():
+        return path
+    name = path.as_posix().removesuffix(".yaml").removeprefix("configs/")
+    packaged = CONFIGS_DIR / f"{name}.yaml"
+    if not path.is_absolute() and packaged.is_file():
+        return packaged
+    raise ConfigError(f"config file not found: {path} (pass an existing YAML file or a packaged config name "
+                      f"to --config; `fedpgp-ray configs` lists the names)")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> ExperimentConfig:
     """Load a YAML config (the quickstart when `path` is None) and apply overrides."""
-    path = Path(path) if path is not None else QUICKSTART
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path} (pass an existing YAML file to --config)")
+    path = resolve_config_path(path)
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {err.start} cannot be decoded): "
+                          f"pass a YAML text file to --config") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} holds a {type(data).__name__}, not a mapping of sections "
+                          f"(seed, model, data, ...): see configs/quickstart.yaml")
+    tracking = data.setdefault("tracking", {}) if isinstance(data.get("tracking", {}), dict) else {}
+    if "config_file" not in tracking:  # provenance: a packaged config by its name, else the file's path
+        packaged = path.resolve().is_relative_to(CONFIGS_DIR.resolve())
+        tracking["config_file"] = (path.resolve().relative_to(CONFIGS_DIR.resolve()).as_posix() if packaged
+                                   else str(path.resolve()))
     return config_from_dict(data, overrides)
 
 

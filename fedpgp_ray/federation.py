@@ -1,16 +1,20 @@
 """The round loop: strategy decides, runtime executes, listeners observe, checkpoints make it resumable."""
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
+from fedpgp_ray import privacy
 from fedpgp_ray.algorithms import Params, build_algorithm
 from fedpgp_ray.checkpoint import CheckpointStore
 from fedpgp_ray.config import ExperimentConfig, config_to_dict
 from fedpgp_ray.runtime.base import Runtime
 from fedpgp_ray.strategy import FedAvgStrategy
+
+log = logging.getLogger(__name__)
 
 METRIC_NAMES = {
     "local": "accuracy (%) of each client's classifier on its own classes' test set, averaged over clients",
@@ -37,7 +41,8 @@ class RoundListener(Protocol):
 
 def build_strategy(cfg: ExperimentConfig) -> FedAvgStrategy:
     return FedAvgStrategy(cfg.federation.num_clients, cfg.federation.client_fraction,
-                          cfg.federation.min_reporting_clients, cfg.evaluation.every, num_rounds(cfg), cfg.seed)
+                          cfg.federation.min_reporting_clients, cfg.evaluation.every, num_rounds(cfg), cfg.seed,
+                          cfg.privacy)
 
 
 def num_rounds(cfg: ExperimentConfig) -> int:
@@ -53,6 +58,8 @@ def run_federation(cfg: ExperimentConfig, runtime: Runtime, store: CheckpointSto
     as the runtime decides) aggregates and checkpoints, listeners observe.
     """
     strategy = build_strategy(cfg)
+    if strategy.stop_message:
+        log.warning("%s", strategy.stop_message)
     server = runtime.make_server(strategy, store, resume)
     began = time.perf_counter()
     for rnd in range(server.start_round(), strategy.num_rounds + 1):
@@ -66,6 +73,7 @@ def run_federation(cfg: ExperimentConfig, runtime: Runtime, store: CheckpointSto
             metrics.update(clients_sampled=float(len(sampled)), **server.aggregate_train(rnd, results, failures))
             for r in results:
                 clients[r.client_id] = {f"train_{k}": v for k, v in r.metrics.items()}
+            metrics["state_reinits"] = float(sum(r.metrics.get("state_reinit", 0.0) for r in results))
             global_params = server.global_params()
         eval_ids = strategy.configure_evaluate(rnd)
         if eval_ids is not None:
@@ -79,10 +87,11 @@ def run_federation(cfg: ExperimentConfig, runtime: Runtime, store: CheckpointSto
         for listener in listeners:
             listener.on_round(report, global_params)
     history = [RoundReport(h["round"], h["metrics"], h["clients"]) for h in server.get_history()]
-    return results_document(cfg, history, time.perf_counter() - began)
+    return results_document(cfg, history, time.perf_counter() - began, runtime.dataset_manifest())
 
 
-def results_document(cfg: ExperimentConfig, history: list[RoundReport], wall_seconds: float) -> dict[str, Any]:
+def results_document(cfg: ExperimentConfig, history: list[RoundReport], wall_seconds: float,
+                     dataset_manifest: dict[str, Any] | None = None) -> dict[str, Any]:
     last_eval = next(h for h in reversed(history) if "local" in h.metrics)
     keys = ("local", "base", "novel", "hm3", "hm2")
     clean = lambda d: {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in d.items()}
@@ -98,4 +107,22 @@ def results_document(cfg: ExperimentConfig, history: list[RoundReport], wall_sec
         "rounds": [{"round": h.round, "metrics": clean(h.metrics),
                     "clients": {str(c): clean(m) for c, m in h.clients.items()}} for h in history],
         "wall_seconds": wall_seconds,
+        "dataset_manifest": dataset_manifest,
+        **({"privacy": privacy_summary(cfg, max(h.round for h in history))} if privacy_applies(cfg) else {}),
     }
+
+
+def privacy_applies(cfg: ExperimentConfig) -> bool:
+    """DP is on and the algorithm uploads global parameters (Local and zero-shot CLIP upload none)."""
+    algorithm = build_algorithm(cfg.algorithm)
+    return cfg.privacy.enabled and algorithm.trains and bool(algorithm.global_keys)
+
+
+def privacy_summary(cfg: ExperimentConfig, rounds: int) -> dict[str, Any]:
+    """The guarantee after `rounds` DP rounds, for results.json (epsilon null: infinite, no noise)."""
+    p, q = cfg.privacy, cfg.federation.client_fraction
+    eps = privacy.epsilon(q, p.noise_multiplier, rounds, p.target_delta)
+    return {"epsilon": None if math.isinf(eps) else eps, "delta": p.target_delta, "rounds": rounds,
+            "sampling_rate": q, "expected_clients_per_round": q * cfg.federation.num_clients,
+            "noise_multiplier": p.noise_multiplier, "clip_norm": p.clip_norm, "max_epsilon": p.max_epsilon,
+            "stopped_by_budget": rounds < num_rounds(cfg), "accountant": privacy.ACCOUNTANT, "seeded": p.seeded}

@@ -51,10 +51,33 @@ def evaluated_rounds(doc: dict[str, Any]) -> list[dict[str, Any]]:
     return [r for r in doc.get("rounds", []) if any(k in r.get("metrics", {}) for k in ACCURACY_KEYS)]
 
 
+def _break_gaps(points: list[tuple[int, float]]) -> tuple[list[float], list[float]]:
+    """x, y with a NaN between rounds that are not consecutive: matplotlib breaks the line there."""
+    xs: list[float] = []
+    ys: list[float] = []
+    for x, y in points:
+        if xs and x - xs[-1] > 1:
+            xs.append(float("nan"))
+            ys.append(float("nan"))
+        xs.append(x)
+        ys.append(y)
+    return xs, ys
+
+
 def accuracy_curves(doc: dict[str, Any], path: str | Path) -> Path:
-    """Line plot of Local / Base / Novel / HM3 / HM2 (%) against the round, one line per metric."""
+    """accuracy_figure(doc) as a PNG at `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    accuracy_figure(doc).savefig(path, format="png")
+    return path
+
+
+def accuracy_figure(doc: dict[str, Any]):
+    """Local / Base / Novel / HM3 / HM2 (%) against the round: a marker per evaluated round, lines
+    only between consecutive rounds (rounds without an evaluation are gaps, not interpolated);
+    the legend beside the axes."""
     rounds = evaluated_rounds(doc)
-    fig = _figure(6.4, 4.0)
+    fig = _figure(7.4, 4.0)
     ax = fig.add_subplot(1, 1, 1)
     styles = {"hm3": dict(linestyle="--", linewidth=2.0), "hm2": dict(linestyle=":", linewidth=2.0)}
     plotted = 0
@@ -62,7 +85,7 @@ def accuracy_curves(doc: dict[str, Any], path: str | Path) -> Path:
         points = [(r["round"], _number(r["metrics"].get(key))) for r in rounds]
         points = [(x, y) for x, y in points if y is not None]
         if points:
-            xs, ys = zip(*points)
+            xs, ys = _break_gaps(points)
             ax.plot(xs, ys, marker="o", markersize=3, label=LABELS[key], **styles.get(key, {}))
             plotted += 1
     from matplotlib.ticker import MaxNLocator
@@ -72,15 +95,12 @@ def accuracy_curves(doc: dict[str, Any], path: str | Path) -> Path:
     ax.set_ylabel("accuracy (%)")
     ax.set_title(f"Accuracy per round: {_title(doc)}", fontsize=10)
     ax.grid(True, alpha=0.3)
-    if plotted:
-        ax.legend(fontsize=8)
+    if plotted:  # beside the axes, never over the curves
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     else:
         ax.text(0.5, 0.5, "no evaluated rounds", ha="center", va="center", transform=ax.transAxes)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png")
-    return path
+    return fig
 
 
 def client_bars(doc: dict[str, Any], path: str | Path) -> Path:
@@ -101,7 +121,7 @@ def client_bars(doc: dict[str, Any], path: str | Path) -> Path:
     ax.set_title(f"Final accuracy per client: {_title(doc)}", fontsize=10)
     ax.grid(True, axis="y", alpha=0.3)
     if keys:
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     else:
         ax.text(0.5, 0.5, "no per-client results", ha="center", va="center", transform=ax.transAxes)
     fig.tight_layout()

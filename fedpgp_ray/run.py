@@ -12,28 +12,40 @@ import logging
 import math
 import os
 import sys
+import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import yaml
 
-from fedpgp_ray.algorithms import ALGORITHMS, Params
-from fedpgp_ray.checkpoint import CheckpointStore
-from fedpgp_ray.clip.backbone import CheckpointError
-from fedpgp_ray.config import ConfigError, ExperimentConfig, config_to_dict, load_config
-from fedpgp_ray.data.base import DataError
-from fedpgp_ray.federation import RoundListener, RoundReport, num_rounds, run_federation
-from fedpgp_ray.runtime import build_runtime
-from fedpgp_ray.strategy import RoundFailedError
+from fedpgp_ray.config import ConfigError, ExperimentConfig, config_from_dict, load_config
+from fedpgp_ray.rundir import CONFIG_FILE, RunDir, check_writable, write_text_atomic
+from fedpgp_ray.storage import RunStorage, StorageError, is_uri, join_location
 from fedpgp_ray.tracking import TrackingError, mlflow_listeners
 
-USER_ERRORS = (ConfigError, DataError, CheckpointError, RoundFailedError, FileNotFoundError, TrackingError)
-CONFIG_FILE = "config.yaml"
+if TYPE_CHECKING:  # torch-backed modules are imported when a run starts, so `--help` is instant
+    from fedpgp_ray.algorithms import Params
+    from fedpgp_ray.federation import RoundListener, RoundReport
+
+
+def user_errors() -> tuple[type[Exception], ...]:
+    """The exceptions that mean bad input: printed as one `error: ...` line, exit code 2."""
+    from fedpgp_ray.checkpoint import UnreadableCheckpoint
+    from fedpgp_ray.clip.backbone import CheckpointError
+    from fedpgp_ray.data.base import DataError
+    from fedpgp_ray.strategy import RoundFailedError
+
+    return (ConfigError, DataError, CheckpointError, RoundFailedError, FileNotFoundError, TrackingError,
+            UnreadableCheckpoint, StorageError)
+
+
+RESULTS_FILE = "results.json"
 
 
 def feature_cache_dir() -> str:
-    """Shared on-disk image-feature cache: $FEDPGP_CACHE_DIR, else ~/.cache/fedpgp-ray/features."""
-    return os.environ.get("FEDPGP_CACHE_DIR") or str(Path.home() / ".cache" / "fedpgp-ray" / "features")
+    """The node-local image-feature cache: $FEDPGP_CACHE_DIR, else ~/.cache/fedpgp-ray/features."""
+    from fedpgp_ray.clip.features import default_cache_dir
+    return str(default_cache_dir())
 
 
 class ProgressBar:
@@ -59,28 +71,69 @@ class ProgressBar:
         self.bar.close()
 
 
-ListenerFactory = Callable[[ExperimentConfig, bool], list[RoundListener]]
+class PlainProgress:
+    """One flushed line per round (`--no-progress`: job logs, CI), e.g.
+    `fedpgp round 3/10: loss 1.234, local 45.1, base 40.2, novel 44.0, 2.31 s`."""
+
+    def __init__(self, total: int, label: str, start: int = 0) -> None:
+        self.last = total - 1
+        self.label = label
+
+    def on_round(self, report: RoundReport, global_params: Params) -> None:
+        m = report.metrics
+        parts = [f"loss {m['train_loss']:.3f}"] if "train_loss" in m else []
+        parts += [f"{key} {m[key]:.1f}" for key in ("local", "base", "novel") if key in m]
+        parts.append(f"{m.get('round_seconds', float('nan')):.2f} s")
+        print(f"{self.label} round {report.round}/{self.last}: {', '.join(parts)}", flush=True)
+
+    def close(self) -> None:
+        pass
+
+
+ListenerFactory = Callable[[ExperimentConfig, bool], list["RoundListener"]]
 LISTENER_FACTORIES: list[ListenerFactory] = [mlflow_listeners]
 
 
 def run_experiment(cfg: ExperimentConfig, resume: bool = False, progress: bool = True,
-                   listeners: list[RoundListener] = ()) -> dict[str, Any]:
-    """Run one experiment into cfg.output_dir (config.yaml, checkpoints/, results.json)."""
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / CONFIG_FILE).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-    store = CheckpointStore(out / "checkpoints")
+                   listeners: list[RoundListener] = (), overwrite: bool = False) -> dict[str, Any]:
+    """Run one experiment into cfg.output_dir (config.yaml, run.json, checkpoints/, results.json).
+
+    The directory is checked, locked and claimed first (`fedpgp_ray.rundir`): a refused request
+    (not writable, another run in it, a resume that changes the experiment) changes nothing there.
+    overwrite: replace a run already in the directory.
+    """
+    with RunDir.open(cfg, resume, overwrite):
+        return _run_in_dir(cfg, resume, progress, listeners)
+
+
+def _run_in_dir(cfg: ExperimentConfig, resume: bool, progress: bool, listeners: list[RoundListener]
+                ) -> dict[str, Any]:
+    from fedpgp_ray.checkpoint import CheckpointStore
+    from fedpgp_ray.federation import num_rounds, run_federation
+    from fedpgp_ray.runtime import build_runtime
+    from fedpgp_ray.runtime.base import status
+
+    storage = RunStorage(cfg.output_dir)
+    store = CheckpointStore(storage.child("checkpoints"))
     saved = store.latest_server() if resume else None
     start = saved["round"] + 1 if saved else 0
     extra = [listener for factory in LISTENER_FACTORIES for listener in factory(cfg, resume)]
-    bar = ProgressBar(num_rounds(cfg) + 1, cfg.algorithm.name, start) if progress else None
+    # Start-up (Ray, actors, backbone, image features) says what it does; the round bar comes after it.
+    status(f"{cfg.algorithm.name}: starting the {cfg.runtime.kind} runtime "
+           f"({cfg.federation.num_clients} clients, {cfg.model.name} / {cfg.model.pretrained})")
     try:
         with build_runtime(cfg, store, feature_cache_dir()) as runtime:
-            results = run_federation(cfg, runtime, store, [*listeners, *extra, *([bar] if bar else [])], resume)
-    finally:
-        if bar:
-            bar.close()
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+            bar = (ProgressBar if progress else PlainProgress)(num_rounds(cfg) + 1, cfg.algorithm.name, start)
+            try:
+                results = run_federation(cfg, runtime, store, [*listeners, *extra, bar], resume)
+            finally:
+                bar.close()
+    except BaseException:
+        for listener in extra:
+            getattr(listener, "close", lambda: None)()
+        raise
+    storage.write_text(RESULTS_FILE, json.dumps(results, indent=2))
+    write_report(storage, results)
     for listener in extra:
         finish = getattr(listener, "on_end", None)
         if finish:
@@ -88,39 +141,84 @@ def run_experiment(cfg: ExperimentConfig, resume: bool = False, progress: bool =
     return results
 
 
+def write_report(storage: RunStorage, results: dict[str, Any]) -> None:
+    """results.csv, results.md, rounds.csv, accuracy.png and clients.png beside results.json, with
+    tracking on or off (staged locally: the run directory may be an object store)."""
+    from fedpgp_ray import plots
+
+    with tempfile.TemporaryDirectory(prefix="fedpgp-report-") as tmp:
+        for path in [*plots.write_results_tables(results, tmp), *plots.write_figures(results, tmp)]:
+            storage.write_bytes(path.name, path.read_bytes())
+
+
+def interrupted(output_dir: str | None) -> None:
+    """Ctrl-C: say how to continue, run the exit hooks (bounded: tracking gives up after seconds), and
+    end the process at once; the interpreter's own teardown of torch, MLflow and Ray objects can take
+    tens of seconds on a loaded machine, and a user who pressed Ctrl-C is waiting for the prompt."""
+    import atexit
+
+    where = f" --resume {output_dir}" if output_dir else " --resume <output_dir>"
+    print(f"interrupted: the completed rounds are checkpointed; continue with `fedpgp-ray run{where}`",
+          file=sys.stderr)
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(130)
+
+
 def format_table(results: list[dict[str, Any]]) -> str:
     """Local / Base / Novel / HM3 / HM2 per run, as an aligned text table."""
     cols = ("local", "base", "novel", "hm3", "hm2")
     fmt = lambda v: "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.2f}"
-    lines = [f"{'algorithm':<12}" + "".join(f"{c.upper():>9}" for c in cols)]
+    private = any("privacy" in doc for doc in results)  # DP runs: one more column, epsilon at delta
+    eps = lambda doc: "-" if "privacy" not in doc else (
+        "inf" if doc["privacy"]["epsilon"] is None else f"{doc['privacy']['epsilon']:.2f}")
+    lines = [f"{'algorithm':<12}" + "".join(f"{c.upper():>9}" for c in cols) + (f"{'EPSILON':>9}" if private else "")]
     for doc in results:
-        lines.append(f"{doc['algorithm']:<12}" + "".join(f"{fmt(doc['final'].get(c)):>9}" for c in cols))
+        lines.append(f"{doc['algorithm']:<12}" + "".join(f"{fmt(doc['final'].get(c)):>9}" for c in cols)
+                     + (f"{eps(doc):>9}" if private else ""))
     lines.append("HM3 = harmonic mean of (Local, Base, Novel); HM2 = harmonic mean of (Base, Novel)")
+    if private:
+        deltas = sorted({doc["privacy"]["delta"] for doc in results if "privacy" in doc})
+        lines.append(f"EPSILON = client-level (epsilon, delta={', '.join(f'{d:g}' for d in deltas)})-DP of the "
+                     f"global prompt (docs/PRIVACY.md)")
     return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedpgp-ray run", description="Run a federated prompt-learning experiment.")
-    parser.add_argument("--config", help="YAML config (default: the quickstart)")
+    parser.add_argument("--config", help="YAML file, or the name of a packaged config (e.g. world_domains, "
+                                             "paper/caltech101_b2n_16shot; `fedpgp-ray configs` lists them); "
+                                             "default: quickstart")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. --set train.rounds=5 (repeatable)")
     parser.add_argument("--algorithms", help="comma-separated algorithms to run one after another "
                                              "(default: algorithm.name of the config)")
     parser.add_argument("--output", help="write the results JSON here as well")
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last round")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the run already in output_dir (its files are deleted)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.no_progress:  # data phases (image checks, feature encoding) too: plain lines, no bars
+        from fedpgp_ray.progress import set_progress
+        set_progress("lines")
+    from fedpgp_ray.algorithms import ALGORITHMS
+
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    cfgs: list[ExperimentConfig] = []
     try:
         if args.resume:
-            run_dir = Path(args.resume).resolve()
-            if not (run_dir / CONFIG_FILE).is_file():
+            run_dir = args.resume if is_uri(args.resume) else str(Path(args.resume).resolve())
+            storage = RunStorage(run_dir)
+            if not storage.exists(CONFIG_FILE):
                 raise ConfigError(f"--resume {run_dir}: no {CONFIG_FILE} there; pass the output_dir of an earlier run")
-            cfgs = [load_config(run_dir / CONFIG_FILE, [*args.set, f"output_dir={run_dir}"])]
+            saved = yaml.safe_load(storage.read_text(CONFIG_FILE))
+            cfgs = [config_from_dict(saved, [*args.set, f"output_dir={run_dir}"])]
         else:
             cfg = load_config(args.config, args.set)
             names = [a.strip() for a in args.algorithms.split(",")] if args.algorithms else [cfg.algorithm.name]
@@ -129,17 +227,21 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError(f"--algorithms: unknown {', '.join(unknown)}; choose from {', '.join(ALGORITHMS)}")
             cfgs = [cfg] if len(names) == 1 and not args.algorithms else [
                 dataclasses.replace(cfg, algorithm=dataclasses.replace(cfg.algorithm, name=name),
-                                    output_dir=str(Path(cfg.output_dir) / name)) for name in names]
-        docs = [run_experiment(c, resume=bool(args.resume), progress=not args.no_progress) for c in cfgs]
-    except USER_ERRORS as err:
+                                    output_dir=join_location(cfg.output_dir, name)) for name in names]
+        if args.output:
+            check_writable(Path(args.output).resolve().parent)
+        docs = [run_experiment(c, resume=bool(args.resume), progress=not args.no_progress, overwrite=args.overwrite)
+                for c in cfgs]
+    except user_errors() as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        interrupted(args.resume or (cfgs[0].output_dir if cfgs else None))
     print(format_table(docs))
     for doc, c in zip(docs, cfgs):
-        print(f"results: {Path(c.output_dir) / 'results.json'}")
+        print(f"results: {RunStorage(c.output_dir).display(RESULTS_FILE)}")
     if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(json.dumps(docs[0] if len(docs) == 1 else {"runs": docs}, indent=2))
+        write_text_atomic(Path(args.output), json.dumps(docs[0] if len(docs) == 1 else {"runs": docs}, indent=2))
     return 0
 
 

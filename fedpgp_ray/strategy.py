@@ -2,7 +2,9 @@
 
 `FedAvgStrategy` samples clients, averages the uploaded global prompt parameters weighted by
 sample count (FedPGP's sigma, PromptFL's ctx; nothing for Local), and averages evaluation
-metrics over clients. The math lives in pure helpers below. No transport, no runtime.
+metrics over clients. With `privacy.enabled` it runs DP-FedAvg instead (Poisson sampling,
+clipped unweighted sum plus Gaussian noise, epsilon per round; fedpgp_ray/privacy.py).
+The math lives in pure helpers. No transport, no runtime.
 """
 from __future__ import annotations
 
@@ -12,8 +14,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fedpgp_ray import privacy as dp
 from fedpgp_ray.client import EvalResult, FitResult
 from fedpgp_ray.algorithms import Params
+from fedpgp_ray.config import ConfigError, PrivacyConfig
 
 log = logging.getLogger(__name__)
 
@@ -71,25 +75,77 @@ class FedAvgStrategy:
     round 0 included). min_reporting: fewest reporting clients for a round to count.
     evaluate_every: evaluate all clients every N rounds, and always at round 0 and the last.
     seed: makes sampling reproducible and identical across runtimes.
+    privacy: DP-FedAvg when enabled (then `fraction` is the Poisson sampling rate q). With
+        max_epsilon, num_rounds is cut to the rounds the budget allows (`stop_message` says so).
     """
 
     def __init__(self, num_clients: int, fraction: float, min_reporting: int, evaluate_every: int,
-                 num_rounds: int, seed: int) -> None:
+                 num_rounds: int, seed: int, privacy: PrivacyConfig | None = None) -> None:
         self.num_clients = num_clients
         self.fraction = fraction
         self.min_reporting = min_reporting
         self.evaluate_every = evaluate_every
         self.num_rounds = num_rounds
         self.seed = seed
+        self.privacy = privacy if privacy is not None and privacy.enabled else None
+        self.stop_message = ""
+        if self.privacy is not None and self.privacy.max_epsilon is not None and num_rounds > 0:
+            self._apply_budget()
+
+    def _apply_budget(self) -> None:
+        p, planned = self.privacy, self.num_rounds
+        allowed = dp.rounds_within(self.fraction, p.noise_multiplier, p.target_delta, p.max_epsilon, planned)
+        if allowed == planned:
+            return
+        after = dp.epsilon(self.fraction, p.noise_multiplier, allowed + 1, p.target_delta)
+        if allowed == 0:
+            raise ConfigError(f"config key 'privacy.max_epsilon' = {p.max_epsilon:g} is below the epsilon of a single "
+                              f"round ({after:.3g} at delta={p.target_delta:g}): raise max_epsilon or "
+                              f"privacy.noise_multiplier, or lower federation.client_fraction")
+        self.stop_message = (f"privacy budget: stopping after round {allowed} of {planned}: round {allowed + 1} would "
+                             f"raise epsilon to {after:.3g} > privacy.max_epsilon={p.max_epsilon:g} "
+                             f"(delta={p.target_delta:g})")
+        self.num_rounds = allowed
+
+    def _dp_seed(self) -> int | None:
+        return self.seed if self.privacy.seeded else None
 
     def configure_train(self, rnd: int) -> list[int]:
+        if self.privacy is not None:  # what the accountant assumes: each client independently, rate q
+            return dp.poisson_sample(self.num_clients, self.fraction, self._dp_seed(), rnd)
         return sample_clients(self.num_clients, self.fraction, self.seed, rnd)
+
+    def epsilon(self, rounds: int) -> float:
+        """epsilon at privacy.target_delta after `rounds` DP rounds (inf without noise)."""
+        p = self.privacy
+        return dp.epsilon(self.fraction, p.noise_multiplier, rounds, p.target_delta)
+
+    def aggregate_params(self, rnd: int, global_params: Params, uploads: list[tuple[Params, int]]
+                         ) -> tuple[Params, dict[str, float]]:
+        """New global params from (params, num_examples) uploads, and the privacy metrics.
+
+        Without privacy: the sample-weighted mean. With privacy: DP-FedAvg; the sample counts are
+        ignored (a weight would let one client's contribution exceed the clip bound, and reveal n_i).
+        """
+        if self.privacy is None:
+            new = aggregate_weighted(uploads)
+            return {k: new[k].to(global_params[k].dtype) for k in global_params}, {}
+        p = self.privacy
+        updates = [{k: params[k].double() - global_params[k].double() for k in global_params}
+                   for params, _ in uploads]
+        new = dp.dp_aggregate(global_params, updates, p.clip_norm if p.clip_norm is not None else math.inf,
+                              p.noise_multiplier, self.fraction * self.num_clients,
+                              dp.noise_generator(self._dp_seed(), rnd))
+        return new, {"privacy/epsilon": self.epsilon(rnd)}
 
     def aggregate_train(self, rnd: int, global_params: Params, results: list[FitResult],
                         failures: list[ClientFailure]) -> tuple[Params, dict[str, float]]:
         for failure in failures:
             log.warning("round %d: client %d failed: %s", rnd, failure.client_id, failure.reason)
-        if len(results) < min(self.min_reporting, self.num_clients):
+        required = min(self.min_reporting, self.num_clients)
+        if self.privacy is not None:  # Poisson sampling may pick fewer clients (even none): a noise-only round
+            required = min(required, len(results) + len(failures))
+        if len(results) < required:
             raise RoundFailedError(f"round {rnd}: only {len(results)} clients reported, fewer than "
                                    f"federation.min_reporting_clients={self.min_reporting} "
                                    f"({len(failures)} failed: {[f.client_id for f in failures]})")
@@ -100,8 +156,8 @@ class FedAvgStrategy:
             metrics[f"train_{key}"] = float(np.mean([r.metrics[key] for r in results if key in r.metrics]))
         if not global_params:  # nothing global (Local): nothing to aggregate
             return global_params, metrics
-        new = aggregate_weighted([(r.params, r.num_examples) for r in results])
-        return {k: new[k].to(global_params[k].dtype) for k in global_params}, metrics
+        new, privacy_metrics = self.aggregate_params(rnd, global_params, [(r.params, r.num_examples) for r in results])
+        return new, {**metrics, **privacy_metrics}
 
     def configure_evaluate(self, rnd: int) -> list[int] | None:
         if rnd == 0 or rnd == self.num_rounds or rnd % self.evaluate_every == 0:

@@ -1,22 +1,19 @@
 """MLflow tracking from the driver: one run per experiment, one batched write per round.
 
 Only the driver writes (client actors return metrics in RoundReports; this module sees those
-and nothing else), so it works the same with every runtime. It is the only module of the
-package that imports mlflow, and only once tracking is on (`tracking.mlflow: true`).
+and nothing else), so it works the same with every runtime. It imports mlflow only once tracking
+is on (`tracking.mlflow: true`). The MLflow Projects entry point is `fedpgp_ray.mlflow_project`.
 
 Store (first that applies): $MLFLOW_TRACKING_URI, `tracking.uri`, on resume the store the run
-was logged to, else `sqlite:///<output_dir>/mlflow.db` with artifacts in `<output_dir>/mlartifacts`.
+was logged to, else `sqlite:///<parent of output_dir>/mlflow.db` (`<CWD>/mlflow.db` for a URI
+output_dir), artifacts in `mlartifacts/` beside the database: runs under one folder share a store.
 Run: $MLFLOW_RUN_ID (how `mlflow run` hands its run over), on `--resume` the run saved in
 `<output_dir>/mlflow_run.json`, else a new run in $MLFLOW_EXPERIMENT_ID / $MLFLOW_EXPERIMENT_NAME
 or `tracking.experiment`. The store is checked at start-up: an unreachable server or an unusable
 store raises `TrackingError` (one line) before any training. See docs/TRACKING.md.
-
-Also the MLflow Projects entry point: `python -m fedpgp_ray.tracking --config ... --rounds ...`
-(mlflow_projects/fedpgp/MLproject) maps project parameters onto `fedpgp-ray run`.
 """
 from __future__ import annotations
 
-import argparse
 import atexit
 import contextlib
 import json
@@ -24,6 +21,7 @@ import logging
 import os
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -38,8 +36,9 @@ from typing import Any
 
 import yaml
 
-from fedpgp_ray.checkpoint import CheckpointStore, atomic_save
 from fedpgp_ray.config import ExperimentConfig, config_to_dict, flatten
+from fedpgp_ray.storage import RunStorage, StorageError, is_uri
+from fedpgp_ray.tracking_io import BackgroundWriter, check_sqlite_store, probe_settings
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +51,8 @@ MAX_METRICS_PER_CALL = 1000         # MLflow's log_batch limits
 MAX_PARAMS_PER_CALL = 100
 MAX_PARAM_LENGTH = 6000
 PROBE_TIMEOUT_S = 5.0
+END_WAIT_S = 15.0                   # at the end of a run: how long queued writes may take to land
+EXIT_WAIT_S = 3.0                   # at exit after a crash or Ctrl-C
 
 # MLFLOW_RUN_ID -> output_dir of the experiment of this process that logs into it. A second
 # experiment in the same process (`--algorithms a,b` under `mlflow run`) gets a child run.
@@ -76,8 +77,12 @@ class TrackingError(RuntimeError):
 
 # -- store and run resolution ------------------------------------------------------------------------
 def default_tracking_uri(output_dir: str | Path) -> str:
-    """`sqlite:////abs/output_dir/mlflow.db` (absolute SQLite URIs have four slashes)."""
-    return "sqlite:///" + str((Path(output_dir) / DB_FILE).resolve())
+    """The store when none is given: `sqlite:///<parent of output_dir>/mlflow.db` for a local
+    output_dir, so that runs under one folder (runs/a, runs/b) share one store and appear side by
+    side; `sqlite:///<CWD>/mlflow.db` for a URI output_dir (s3://...). Absolute SQLite URIs have
+    four slashes."""
+    base = Path.cwd() if is_uri(output_dir) else Path(output_dir).resolve().parent
+    return "sqlite:///" + str(base / DB_FILE)
 
 
 def _normalize_uri(uri: str) -> str:
@@ -147,6 +152,20 @@ def git_commit(path: Path | None = None) -> tuple[str, bool] | None:
     return (commit, bool(status)) if commit else None
 
 
+def provenance_tags(cfg: ExperimentConfig) -> dict[str, str]:
+    """Where a run comes from: package version, config file, host, and the package's git commit
+    (with `git_dirty`) when it runs from a checkout."""
+    from fedpgp_ray import __version__
+
+    tags = {"fedpgp_ray_version": __version__, "hostname": socket.gethostname()}
+    if cfg.tracking.config_file:
+        tags["config_file"] = cfg.tracking.config_file
+    commit = git_commit()
+    if commit:
+        tags["git_commit"], tags["git_dirty"] = commit[0], str(commit[1]).lower()
+    return tags
+
+
 def _param_value(value: Any) -> str:
     text = "null" if value is None else json.dumps(value) if isinstance(value, (list, dict)) else str(value)
     return text[:MAX_PARAM_LENGTH]
@@ -187,10 +206,10 @@ def _finite(value: Any) -> bool:
     return value == value and value not in (float("inf"), float("-inf"))
 
 
-def _read_saved(output_dir: Path) -> dict[str, Any] | None:
+def _read_saved(output_dir: str | Path) -> dict[str, Any] | None:
     try:
-        return json.loads((output_dir / RUN_FILE).read_text())
-    except (OSError, ValueError):
+        return json.loads(RunStorage(output_dir).read_text(RUN_FILE))
+    except (OSError, ValueError, StorageError):
         return None
 
 
@@ -201,8 +220,10 @@ class MlflowTracker:
     on_round: one `log_batch` (split at 1000 metrics) with step=round, plus the server checkpoint
     every `tracking.checkpoint_every` rounds and at the last round. on_end: results JSON, tables,
     figures and final client states as artifacts, then the run is marked FINISHED. Rounds already
-    in the run (resume) are never logged twice. A write that fails mid-run is kept and retried at
-    the next round (training never stops for tracking); only start-up errors are fatal.
+    in the run (resume) are never logged twice. Every write runs on a background thread
+    (`tracking_io.BackgroundWriter`): a store that goes away mid-run never blocks a round; its writes
+    are retried every few seconds and land once it is back, and what is still missing at the end is
+    reported (`--resume` writes it later). Only start-up errors are fatal.
     """
 
     def __init__(self, cfg: ExperimentConfig, client: Any, run: Any, uri: str, logged_steps: set[int]) -> None:
@@ -215,10 +236,13 @@ class MlflowTracker:
         self.experiment_id: str = run.info.experiment_id
         self.artifact_uri: str = run.info.artifact_uri
         self.uri = uri
-        self.output_dir = Path(cfg.output_dir)
+        self.storage = RunStorage(cfg.output_dir)  # the run directory: a path or a URI
+        self.output_dir = self.storage.display()
         self.last_round = num_rounds(cfg)
         self.logged_steps = set(logged_steps)
-        self.pending: list[list[Any]] = []     # metric chunks not yet written
+        # Writes go through one background thread (fedpgp_ray.tracking_io): a store that goes away
+        # mid-run never blocks a round; its points are retried and written once it is back.
+        self.writer = BackgroundWriter(uri)
         self.seconds: dict[int, float] = {}    # time spent in on_round, per round
         self.end_seconds = 0.0
         self.finished = False
@@ -229,15 +253,17 @@ class MlflowTracker:
         if report.round in self.logged_steps:
             return
         self.queue_round(report.round, round_metrics(report))
-        self.flush()
         if report.round == self.last_round or (report.round > 0 and report.round % self.cfg.tracking.checkpoint_every == 0):
-            self._log_server_checkpoint(report.round, global_params)
+            self.writer.submit(lambda rnd=report.round: self._log_server_checkpoint(rnd, global_params))
         self.logged_steps.add(report.round)
         self.seconds[report.round] = time.perf_counter() - began
 
     def on_end(self, results: dict[str, Any]) -> None:
         began = time.perf_counter()
-        self.flush()
+        if not self.flush(END_WAIT_S):  # the store is still away: leave the rest to a later --resume
+            self._report_unwritten()
+            return
+        self.writer.restore_settings()  # the store answers: MLflow's own retries for the uploads below
         with tempfile.TemporaryDirectory(prefix="fedpgp-mlflow-") as tmp:
             stage = Path(tmp)
             try:
@@ -246,6 +272,10 @@ class MlflowTracker:
             except Exception as err:  # noqa: BLE001 - results are on disk already; never lose them to tracking
                 log.warning("MLflow: could not log the final artifacts (%s); they are in %s",
                             _one_line(err), self.output_dir)
+        if self.cfg.tracking.log_models:  # the trained classifiers as registered MLflow Models
+            from fedpgp_ray.serving import log_tracker_models
+
+            log_tracker_models(self, results)
         self.end_seconds = time.perf_counter() - began
         from mlflow.entities import Metric
 
@@ -254,17 +284,21 @@ class MlflowTracker:
         if self.seconds:  # rounds ran in this session (a resume of a finished run logs none twice)
             overhead.append(Metric("tracking_end_seconds", self.end_seconds, stamp, self.last_round))
         for begin in range(0, len(overhead), MAX_METRICS_PER_CALL):
-            self.pending.append(overhead[begin:begin + MAX_METRICS_PER_CALL])
-        self.flush()
-        if self.pending:
-            log.warning("MLflow: %d metric points could not be written to %s",
-                        sum(len(c) for c in self.pending), self.uri)
+            self._submit_metrics(overhead[begin:begin + MAX_METRICS_PER_CALL])
+        if not self.flush(END_WAIT_S):
+            self._report_unwritten()
+            return
         try:
             self.client.set_terminated(self.run_id, "FINISHED")
         except Exception as err:  # noqa: BLE001
             log.warning("MLflow: could not mark run %s finished (%s)", self.run_id, _one_line(err))
         self.finished = True
         print(self.summary(), flush=True)
+
+    def close(self) -> None:
+        """Give MLflow its own retry settings back without finishing the run (it stopped with an
+        error, and the process may go on: a notebook, a test session); the exit hook marks it FAILED."""
+        self.writer.restore_settings()
 
     # Writing ----------------------------------------------------------------------------------------
     def queue_round(self, rnd: int, metrics: dict[str, float]) -> None:
@@ -274,29 +308,38 @@ class MlflowTracker:
         stamp = int(time.time() * 1000)
         points = [Metric(key, value, stamp, rnd) for key, value in metrics.items()]
         for begin in range(0, len(points), MAX_METRICS_PER_CALL):
-            self.pending.append(points[begin:begin + MAX_METRICS_PER_CALL])
+            self._submit_metrics(points[begin:begin + MAX_METRICS_PER_CALL])
 
-    def flush(self) -> None:
-        """Write the queued chunks in order; on an error keep the rest for the next flush."""
-        while self.pending:
-            try:
-                self.client.log_batch(self.run_id, metrics=self.pending[0])
-            except Exception as err:  # noqa: BLE001 - a store hiccup must not stop training
-                log.warning("MLflow: logging to %s failed (%s); %d batch(es) kept for retry",
-                            self.uri, _one_line(err), len(self.pending))
-                return
-            self.pending.pop(0)
+    def _submit_metrics(self, chunk: list[Any]) -> None:
+        self.writer.submit(lambda: self.client.log_batch(self.run_id, metrics=chunk), len(chunk))
+
+    def flush(self, timeout: float = END_WAIT_S) -> bool:
+        """Wait up to `timeout` s for the queued writes; True when all are written."""
+        return self.writer.wait(timeout)
+
+    def _report_unwritten(self) -> None:
+        """The store stayed away to the end: say what is missing and how to write it later."""
+        since = self.writer.failing_since
+        log.warning("MLflow: %s unusable%s (%s): %d metric point(s) and the final artifacts are not written; "
+                    "the results are in %s; once the store is back, `fedpgp-ray run --resume %s` writes them",
+                    self.uri, f" for the last {time.time() - since:.0f} s" if since else "", self.writer.last_error,
+                    self.writer.pending_points(), self.output_dir, self.output_dir)
+        self.writer.restore_settings()
+        self.finished = True  # nothing more to try at exit: the store is away
 
     def _log_server_checkpoint(self, rnd: int, global_params: Any) -> None:
-        path = self.output_dir / "checkpoints" / "server" / f"round_{rnd}.pt"
+        from fedpgp_ray.checkpoint import atomic_save
+
+        rel = f"checkpoints/server/round_{rnd}.pt"
         try:
-            if path.is_file():
-                self.client.log_artifact(self.run_id, str(path), "checkpoints/server")
-                return
-            with tempfile.TemporaryDirectory(prefix="fedpgp-mlflow-") as tmp:  # server elsewhere: save sigma
-                fallback = Path(tmp) / path.name
-                atomic_save({"round": rnd, "global_params": global_params}, fallback)
-                self.client.log_artifact(self.run_id, str(fallback), "checkpoints/server")
+            # Staged through a local temp file: the run storage may be an object store (s3://, gs://).
+            with tempfile.TemporaryDirectory(prefix="fedpgp-mlflow-") as tmp:
+                staged = Path(tmp) / f"round_{rnd}.pt"
+                if self.storage.exists(rel):
+                    staged.write_bytes(self.storage.read_bytes(rel))
+                else:  # no server checkpoint there: save sigma
+                    atomic_save({"round": rnd, "global_params": global_params}, staged)
+                self.client.log_artifact(self.run_id, str(staged), "checkpoints/server")
         except Exception as err:  # noqa: BLE001
             log.warning("MLflow: could not log the round-%d checkpoint (%s)", rnd, _one_line(err))
 
@@ -306,15 +349,19 @@ class MlflowTracker:
 
         (stage / "results").mkdir()
         (stage / "results" / "results.json").write_text(json.dumps(results, indent=2))
+        if results.get("dataset_manifest"):  # what loaded: classes, base/novel names, image counts, cache key
+            (stage / "dataset_manifest.json").write_text(json.dumps(results["dataset_manifest"], indent=2))
         plots.write_results_tables(results, stage / "results")
         plots.write_figures(results, stage / "figures")
-        clients = self.output_dir / "checkpoints" / "clients"
-        for folder in sorted(clients.iterdir() if clients.is_dir() else [], key=lambda p: p.name):
-            files = sorted(folder.glob("round_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
-            if files:  # the newest state: the client's final personal adapters (and optimizer state)
-                target = stage / "checkpoints" / "clients" / folder.name
+        from fedpgp_ray.checkpoint import CheckpointStore
+
+        store = CheckpointStore(self.storage.child("checkpoints"))
+        for cid in store.client_ids():
+            newest = store.newest_client_file(cid)
+            if newest:  # the newest state: the client's final personal adapters (and optimizer state)
+                target = stage / "checkpoints" / "clients" / str(cid)
                 target.mkdir(parents=True)
-                shutil.copy2(files[-1], target / files[-1].name)
+                (target / newest[0]).write_bytes(newest[1])
 
     # Reporting --------------------------------------------------------------------------------------
     def ui_command(self) -> str:
@@ -406,29 +453,30 @@ def start_tracker(cfg: ExperimentConfig, resume: bool = False) -> MlflowTracker:
 
     Raises TrackingError (one line) when the store or the run cannot be used: before any training.
     """
-    out = Path(cfg.output_dir)
-    saved = _read_saved(out) if resume else None
+    out = RunStorage(cfg.output_dir)
+    saved = _read_saved(cfg.output_dir) if resume else None
     uri = resolve_tracking_uri(cfg, saved)
     check_reachable(uri)
     try:
+        check_sqlite_store(uri)
         from mlflow import MlflowClient
 
         client = MlflowClient(tracking_uri=uri)
-        run, reused = _open_run(client, cfg, resume, saved, uri)
-        run_id = run.info.run_id
-        logged = {m.step for m in client.get_metric_history(run_id, STEP_MARKER)} if reused else set()
-        _log_params_and_tags(client, run, cfg)
-        client.log_text(run_id, yaml.safe_dump(config_to_dict(cfg), sort_keys=False), "config/config.yaml")
-        if run.info.status != "RUNNING":
-            client.update_run(run_id, status="RUNNING")
+        with probe_settings():  # a server answering errors fails now, not after MLflow's minutes of retries
+            run, reused = _open_run(client, cfg, resume, saved, uri)
+            run_id = run.info.run_id
+            logged = {m.step for m in client.get_metric_history(run_id, STEP_MARKER)} if reused else set()
+            _log_params_and_tags(client, run, cfg)
+            client.log_text(run_id, yaml.safe_dump(config_to_dict(cfg), sort_keys=False), "config/config.yaml")
+            if run.info.status != "RUNNING":
+                client.update_run(run_id, status="RUNNING")
     except TrackingError:
         raise
     except Exception as err:  # noqa: BLE001 - any store failure at start-up is a user-facing error
         raise TrackingError(f"MLflow tracking store {uri} cannot be used ({_one_line(err)}); fix "
                             f"MLFLOW_TRACKING_URI / tracking.uri or set tracking.mlflow=false") from err
-    out.mkdir(parents=True, exist_ok=True)
-    (out / RUN_FILE).write_text(json.dumps({"run_id": run_id, "experiment_id": run.info.experiment_id,
-                                            "tracking_uri": uri}, indent=2) + "\n")
+    out.write_text(RUN_FILE, json.dumps({"run_id": run_id, "experiment_id": run.info.experiment_id,
+                                        "tracking_uri": uri}, indent=2) + "\n")
     tracker = MlflowTracker(cfg, client, run, uri, logged)
     for earlier in list(_unfinished):  # an earlier, crashed tracker of this run in this process
         if earlier.run_id == tracker.run_id:
@@ -447,10 +495,7 @@ def _log_params_and_tags(client: Any, run: Any, cfg: ExperimentConfig) -> None:
     existing = run.data.params
     params = config_params(cfg)
     tags = {"algorithm": cfg.algorithm.name, "dataset": cfg.data.dataset, "runtime": cfg.runtime.kind,
-            "output_dir": str(cfg.output_dir)}
-    commit = git_commit()
-    if commit:
-        tags["git_commit"], tags["git_dirty"] = commit[0], str(commit[1]).lower()
+            "output_dir": str(cfg.output_dir), **provenance_tags(cfg)}
     for key, value in params.items():
         if key in existing and existing[key] != value:
             tags[f"resume.{key}"] = value
@@ -467,8 +512,10 @@ def _log_params_and_tags(client: Any, run: Any, cfg: ExperimentConfig) -> None:
 
 def _backfill(tracker: MlflowTracker) -> None:
     """On resume, log the checkpointed rounds the run lacks (a crash between checkpoint and log)."""
+    from fedpgp_ray.checkpoint import CheckpointStore
+
     try:
-        saved = CheckpointStore(tracker.output_dir / "checkpoints").latest_server()
+        saved = CheckpointStore(tracker.storage.child("checkpoints")).latest_server()
     except ValueError as err:
         log.warning("MLflow: cannot read the server checkpoint to backfill metrics (%s)", err)
         return
@@ -485,103 +532,16 @@ _unfinished: "weakref.WeakSet[MlflowTracker]" = weakref.WeakSet()
 
 @atexit.register
 def _fail_unfinished() -> None:
+    """At exit (a crash, Ctrl-C): write what is queued and mark the run FAILED, within EXIT_WAIT_S per
+    run; an unreachable store is left as it is (`--resume` writes the rest), the process never lingers."""
     for tracker in list(_unfinished):
         if not tracker.finished:
-            try:
-                tracker.flush()
-                tracker.client.set_terminated(tracker.run_id, "FAILED")
-            except Exception:  # noqa: BLE001 - best effort at interpreter exit
-                pass
+            tracker.finished = True
+            tracker.writer.submit(lambda t=tracker: t.client.set_terminated(t.run_id, "FAILED"))
+            with probe_settings():
+                tracker.flush(EXIT_WAIT_S)
 
 
 def mlflow_listeners(cfg: ExperimentConfig, resume: bool) -> list[MlflowTracker]:
     """run.LISTENER_FACTORIES entry: an MlflowTracker when tracking.mlflow is on, else nothing."""
     return [start_tracker(cfg, resume)] if cfg.tracking.mlflow else []
-
-
-# -- MLflow Projects entry point ------------------------------------------------------------------------
-def project_argv(config: str = "", rounds: str = "", algorithm: str = "", seed: str = "",
-                 overrides: str = "", output_dir: str = "") -> list[str]:
-    """MLproject parameters -> `fedpgp-ray run` arguments; an empty value keeps the config's value.
-
-    algorithm: one name, or several comma-separated (run one after another: `--algorithms`).
-    overrides: shell-style list of key.path=value, e.g. "train.lr=0.01 federation.num_clients=4".
-    """
-    argv = ["--config", config] if config else []
-    sets = [f"train.rounds={rounds}"] * bool(rounds) + [f"seed={seed}"] * bool(seed)
-    sets += [f"output_dir={output_dir}"] * bool(output_dir)
-    if "," in algorithm:
-        argv += ["--algorithms", algorithm]
-    elif algorithm:
-        sets.append(f"algorithm.name={algorithm}")
-    sets += shlex.split(overrides)
-    return argv + [arg for item in sets for arg in ("--set", item)]
-
-
-def passthrough_argv(pairs: list[str]) -> list[str]:
-    """`--name value` pairs from an MLproject command -> the command's arguments.
-
-    Empty and "false" values are dropped (the command's default applies), "true" becomes a bare
-    flag, and `--overrides "k=v k2=v2"` becomes `--set k=v --set k2=v2`.
-    """
-    if len(pairs) % 2 or not all(flag.startswith("--") for flag in pairs[::2]):
-        raise SystemExit(f"error: expected --name value pairs, got {pairs}")
-    out, sets = [], []
-    for flag, value in zip(pairs[::2], pairs[1::2]):
-        if flag == "--overrides":
-            sets += shlex.split(value)
-        elif value not in ("", "false"):
-            out += [flag] if value == "true" else [flag, value]
-    return out + [arg for item in sets for arg in ("--set", item)]
-
-
-def _log_bench_json(path: Path) -> None:
-    """Under `mlflow run` (MLFLOW_RUN_ID set), attach the benchmark's JSON to the handed-over run."""
-    if not (os.environ.get("MLFLOW_RUN_ID") and path.is_file()):
-        return
-    from mlflow import MlflowClient
-
-    MlflowClient(tracking_uri=os.environ.get("MLFLOW_TRACKING_URI")).log_artifact(
-        os.environ["MLFLOW_RUN_ID"], str(path), "bench")
-
-
-def project_main(argv: list[str] | None = None) -> int:
-    """`python -m fedpgp_ray.tracking [run|compare|bench] --name value ...` (the MLproject commands).
-
-    run (entry point main): config / rounds / algorithm / seed / overrides / output-dir, mapped
-    by `project_argv`. compare, bench: `--name value` passed through (`passthrough_argv`); bench's
-    JSON is logged to the MLflow run that `mlflow run` handed over.
-    """
-    argv = list(sys.argv[1:] if argv is None else argv)
-    command = argv.pop(0) if argv and not argv[0].startswith("-") else "run"
-    if command == "compare":
-        from fedpgp_ray.compare import main as compare_main
-
-        return compare_main(passthrough_argv(argv))
-    if command == "bench":
-        from fedpgp_ray.bench import main as bench_main
-
-        args = passthrough_argv(argv)
-        with tempfile.TemporaryDirectory(prefix="fedpgp-bench-") as tmp:
-            if "--json" not in args:
-                args += ["--json", str(Path(tmp) / "bench.json")]
-            code = bench_main(args)
-            if code == 0:
-                _log_bench_json(Path(args[args.index("--json") + 1]))
-        return code
-    if command != "run":
-        print(f"error: unknown command {command!r}: choose run, compare or bench", file=sys.stderr)
-        return 2
-    parser = argparse.ArgumentParser(prog="python -m fedpgp_ray.tracking",
-                                     description="MLflow Projects entry point (mlflow_projects/fedpgp): "
-                                                 "runs `fedpgp-ray run`; empty values keep the config's")
-    for name in ("config", "rounds", "algorithm", "seed", "overrides", "output-dir"):
-        parser.add_argument(f"--{name}", default="")
-    args = parser.parse_args(argv)
-    from fedpgp_ray.run import main
-
-    return main(project_argv(args.config, args.rounds, args.algorithm, args.seed, args.overrides, args.output_dir))
-
-
-if __name__ == "__main__":
-    sys.exit(project_main())

@@ -291,4 +291,4 @@ def test_pooled_feature_algorithms_never_compute_patch_tokens(tmp_path, monkeypa
     worker = ClientWorker(cfg, cache_dir=None)
     worker.prepare()
     worker.fit(0, 1, worker.global_params())
-    assert worker._train_tokens is None and worker._test_tokens is None
+    assert worker._train_tokens == {} and worker._test_tokens is None

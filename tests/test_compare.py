@@ -130,7 +130,7 @@ def test_compare_mlflow_parent_and_child_runs(tmp_path, capsys):
     out = tmp_path / "cmp"
     assert main(["--config", config, "--algorithms", "clip", "--seeds", "0,1", "--output-dir", str(out),
                  "--no-progress"]) == 0
-    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")  # the default store: beside the output dir
     experiment = client.get_experiment_by_name("cmp-test")
     runs = client.search_runs([experiment.experiment_id])
     parents = [r for r in runs if r.data.tags.get("fedpgp.compare") == "true"]

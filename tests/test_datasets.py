@@ -100,7 +100,11 @@ def test_coop_loader_classes_and_splits(tmp_path, name):
     ds = build_dataset(cfg(name, tmp_path), seed=0)
     assert ds.classnames == EXPECTED_NAMES[name]
     n = len(ds.classnames)
-    assert len(ds.train) == 2 * n and len(ds.test) == n  # train + val are the training pool
+    assert len(ds.train) == n and len(ds.test) == n  # few-shot images come from `train` only, as in CoOp
+    train_files = {str(tmp_path / COOP_TREES[name][0] / COOP_TREES[name][1] / rel) for rel, _, _ in split["train"]}
+    assert set(ds.train.images) == train_files
+    pooled = build_dataset(cfg(name, tmp_path, few_shot_pool="train+val"), seed=0)
+    assert len(pooled.train) == 2 * n  # the old pool, behind data.few_shot_pool: train+val
     _, image_dir, _, _ = COOP_TREES[name]
     renames = coop.SPECS[name].renames
     truth = {str(tmp_path / COOP_TREES[name][0] / image_dir / rel): folders.clean_classname(c, renames)
@@ -236,20 +240,20 @@ def test_error_no_listed_image_exists(tmp_path):
     make_coop(tmp_path, "oxford_pets")
     for f in (tmp_path / "oxford_pets" / "images").iterdir():
         f.unlink()
-    with pytest.raises(DataError, match=r"none of the 12 images listed in .*split_zhou_OxfordPets.json exist"):
+    with pytest.raises(DataError, match=r"none of the 8 images listed in .*split_zhou_OxfordPets.json exist"):
         build_dataset(cfg("oxford_pets", tmp_path), seed=0)
 
 
 def test_corrupt_image_stops_the_build_or_is_skipped(tmp_path, caplog):
     make_coop(tmp_path, "oxford_pets")
-    bad = tmp_path / "oxford_pets" / "images" / "basset_hound_0002.jpg"
+    bad = tmp_path / "oxford_pets" / "images" / "basset_hound_0001.jpg"  # a training image
     bad.write_bytes(b"this is not a jpeg")
     with pytest.raises(DataError) as err:
         build_dataset(cfg("oxford_pets", tmp_path), seed=0)
     assert str(bad) in str(err.value) and "data.skip_bad_images: true" in str(err.value)
     with caplog.at_level(logging.WARNING, logger="fedpgp_ray.data.folders"):
         ds = build_dataset(cfg("oxford_pets", tmp_path, skip_bad_images=True), seed=0)
-    assert str(bad) not in ds.train.images and len(ds.train) == 7 and len(ds.test) == 4
+    assert str(bad) not in ds.train.images and len(ds.train) == 3 and len(ds.test) == 4
     assert "skipped 1 bad image" in caplog.text and str(bad) in caplog.text
 
 
@@ -277,14 +281,14 @@ def test_images_are_verified_once(tmp_path, monkeypatch):
     real = folders.check_image
     monkeypatch.setattr(folders, "check_image", lambda p: calls.append(p) or real(p))
     build_dataset(cfg("dtd", tmp_path), seed=0)
-    assert len(calls) == 12
+    assert len(calls) == 8  # train + test (CoOp's val images are not loaded)
     build_dataset(cfg("dtd", tmp_path), seed=0)
-    assert len(calls) == 12  # the passing check was recorded: nothing re-read
+    assert len(calls) == 8  # the passing check was recorded: nothing re-read
     changed = tmp_path / "dtd" / "images" / "banded" / "banded_0001.jpg"
     write_image(changed, seed=99)
     os.utime(changed, ns=(1, 1))
     build_dataset(cfg("dtd", tmp_path), seed=0)
-    assert len(calls) == 24  # a changed file invalidates the record
+    assert len(calls) == 16  # a changed file invalidates the record
 
 
 def test_check_image_reasons(tmp_path):
@@ -294,6 +298,41 @@ def test_check_image_reasons(tmp_path):
     (tmp_path / "t.png").write_bytes(data[: len(data) // 2])
     assert folders.check_image(str(tmp_path / "t.png")) is not None
     assert folders.check_image(str(tmp_path / "missing.png")) == "file not found"
+
+
+def _undecodable_png(path: Path) -> None:
+    """A PNG whose header and chunk CRCs are intact but whose compressed pixel data does not decode."""
+    import struct
+    import zlib
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.random.default_rng(3).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(path, format="PNG")
+    data = path.read_bytes()
+    at = data.index(b"IDAT")
+    n = struct.unpack(">I", data[at - 4:at])[0]
+    body = bytearray(data[at + 4:at + 4 + n])
+    body[10:40] = bytes(30)
+    crc = struct.pack(">I", zlib.crc32(b"IDAT" + bytes(body)) & 0xFFFFFFFF)
+    path.write_bytes(data[:at + 4] + bytes(body) + crc + data[at + 8 + n:])
+
+
+def test_images_that_verify_but_do_not_decode_are_caught_and_skippable(tmp_path, caplog):
+    png = tmp_path / "broken.png"
+    _undecodable_png(png)
+    with Image.open(png) as img:
+        img.verify()  # the header check alone passes ...
+    assert "broken data stream" in folders.check_image(str(png))  # ... the full decode does not
+    jpeg = tmp_path / "cut.jpg"
+    write_image(jpeg, seed=4, size=64)
+    jpeg.write_bytes(jpeg.read_bytes()[:-200])  # truncated, no end marker: header intact
+    assert "truncated" in folders.check_image(str(jpeg))
+    make_coop(tmp_path, "oxford_pets")
+    bad = tmp_path / "oxford_pets" / "images" / "Abyssinian_0001.jpg"  # a training image
+    _undecodable_png(bad)  # PIL opens by content, whatever the extension
+    with pytest.raises(DataError, match="Abyssinian_0001.jpg.*broken data stream"):
+        build_dataset(cfg("oxford_pets", tmp_path), seed=0)
+    with caplog.at_level(logging.WARNING, logger="fedpgp_ray.data.folders"):
+        ds = build_dataset(cfg("oxford_pets", tmp_path, skip_bad_images=True), seed=0)
+    assert str(bad) not in ds.train.images and len(ds.train) == 3 and "skipped 1 bad image" in caplog.text
 
 
 # -- data.download (converted from a fabricated torchvision tree; the network is never used) ------------
@@ -336,9 +375,9 @@ def _fake_torchvision_tree(name: str, staging: Path) -> None:
             (base / "labels" / f"{key}.txt").write_text(f"banded/banded_{i:04d}.jpg\nzigzagged/zigzagged_{i:04d}.jpg\n")
 
 
-DOWNLOADED = {"caltech101": (["accordion", "face"], 6, 2), "oxford_pets": (["abyssinian", "beagle"], 2, 2),
-              "oxford_flowers": (["canterbury bells", "pink primrose"], 4, 2),
-              "food101": (["apple pie", "baklava"], 2, 2), "dtd": (["banded", "zigzagged"], 4, 2)}
+DOWNLOADED = {"caltech101": (["accordion", "face"], 4, 2), "oxford_pets": (["abyssinian", "beagle"], 2, 2),
+              "oxford_flowers": (["canterbury bells", "pink primrose"], 2, 2),
+              "food101": (["apple pie", "baklava"], 2, 2), "dtd": (["banded", "zigzagged"], 2, 2)}
 
 
 @pytest.mark.parametrize("name", sorted(DOWNLOADED))

@@ -7,8 +7,6 @@ suffixes attending to its cached keys/values). Features and gradients must agree
 """
 from __future__ import annotations
 
-from collections import OrderedDict
-
 import numpy as np
 import open_clip
 import pytest
@@ -94,6 +92,28 @@ def test_paths_are_taken_as_configured(clip, monkeypatch):
     enc.shared_prefix = False
     enc.encode(torch.zeros(4, enc.width), prompts)
     assert calls == ["plain"]
+
+
+@pytest.mark.parametrize("classes", ["mixed", "single"])
+def test_batched_contexts_equal_separate_passes(clip, classes):
+    """encode_many (FedPGP's sigma and sigma + U V in one pass) = one full 77-token pass per context."""
+    names = CLASS_LISTS[classes]
+    enc = PromptTextEncoder(clip, 6)
+    prompts = enc.prompts(names)
+    g = torch.Generator().manual_seed(7)
+    ctxs = [(torch.randn(6, enc.width, generator=g) * 0.02).requires_grad_(True) for _ in range(3)]
+    passes = []
+    original = enc._encode_shared_prefix
+    enc._encode_shared_prefix = lambda c, p: passes.append(c.shape) or original(c, p)
+    fast = enc.encode_many(ctxs, prompts)
+    assert passes == [torch.Size([3, 6, enc.width])]  # one batched pass
+    weights = torch.linspace(-1.0, 1.0, len(names) * fast[0].shape[-1]).reshape(fast[0].shape)
+    fast_grads = torch.autograd.grad(sum((f * weights * (i + 1)).sum() for i, f in enumerate(fast)), ctxs)
+    for i, ctx in enumerate(ctxs):
+        slow = naive_features(clip, ctx, names)
+        slow_grad, = torch.autograd.grad((slow * weights * (i + 1)).sum(), ctx)
+        assert (fast[i] - slow).abs().max() < ATOL
+        assert (fast_grads[i] - slow_grad).abs().max() < ATOL * max(1.0, float(slow_grad.abs().max()))
 
 
 def test_per_class_context_and_placeholder(clip):

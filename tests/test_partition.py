@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from fedpgp_ray.config import DataConfig, WorldConfig
+from fedpgp_ray.config import DataConfig
 from fedpgp_ray.data.base import ClassificationDataset, DataError, ImageSplit
 from fedpgp_ray.data.partition import (dirichlet_indices, partition_dataset, pathological_classes,
                                        split_base_novel)
@@ -45,13 +45,20 @@ def test_pathological_partition_disjoint_shots_and_local_sets():
     assert [len(c.classes) for c in part.clients] == [3, 3, 3, 2]
 
 
-def test_partition_is_deterministic_for_a_seed_and_changes_with_it():
+def test_partition_is_deterministic_and_the_class_shuffle_seed_is_fixed():
+    """The reference shuffles classes with one fixed seed (2023): experiment seeds vary training noise, not
+    which classes a client holds, unless data.partition_seed is null (then the seed varies both)."""
     ds = _dataset()
     a = partition_dataset(ds, DataConfig(shots=3), 4, seed=1)
     b = partition_dataset(ds, DataConfig(shots=3), 4, seed=1)
     c = partition_dataset(ds, DataConfig(shots=3), 4, seed=2)
     assert all(np.array_equal(x.train_indices, y.train_indices) for x, y in zip(a.clients, b.clients))
-    assert [x.classes for x in a.clients] != [x.classes for x in c.clients]
+    assert [x.classes for x in a.clients] == [x.classes for x in c.clients]
+    assert [x.classes for x in a.clients] == pathological_classes(list(range(11)), 4, 2023)
+    assert not all(np.array_equal(x.train_indices, y.train_indices) for x, y in zip(a.clients, c.clients))
+    vary = [partition_dataset(ds, DataConfig(shots=3, partition_seed=None), 4, seed=s) for s in (1, 2)]
+    assert [x.classes for x in vary[0].clients] != [x.classes for x in vary[1].clients]
+    assert [x.classes for x in vary[0].clients] == pathological_classes(list(range(11)), 4, 1)
 
 
 def test_too_many_clients_is_a_clear_error():
@@ -66,6 +73,28 @@ def test_dirichlet_covers_every_image_once():
     assert np.array_equal(joined, np.arange(200))
     # strong skew at beta 0.3: some client misses some class
     assert any(len(np.unique(labels[s])) < 5 for s in shards)
+
+
+def test_dirichlet_local_test_sets_split_per_class_with_the_training_proportions():
+    """The reference's rule: a client's local test set is its Dirichlet share of each class's test images."""
+    ds = _dataset(n_classes=6, train_per=200, test_per=100)
+    cfg = DataConfig(partition="dirichlet", beta=0.3, shots=1000, base_novel=False)
+    part = partition_dataset(ds, cfg, 5, seed=0)
+    locals_ = [c.local.indices for c in part.clients]
+    joined = np.sort(np.concatenate(locals_))
+    assert np.array_equal(joined, np.arange(len(ds.test)))  # disjoint, and together the whole test set
+    for c in part.clients:
+        for k in range(6):  # same share of class k in train and test (up to the floor of each cut)
+            train_share = (ds.train.labels[c.train_indices] == k).sum() / 200
+            test_share = (ds.test.labels[c.local.indices] == k).sum() / 100
+            assert abs(train_share - test_share) <= 0.011
+    # the old rule, behind data.local_test: classes: every test image of every class the client holds
+    old = partition_dataset(ds, DataConfig(partition="dirichlet", beta=0.3, shots=1000, base_novel=False,
+                                           local_test="classes"), 5, seed=0)
+    for a, b in zip(part.clients, old.clients):
+        assert np.array_equal(a.train_indices, b.train_indices)  # the option changes only the test sets
+        assert np.array_equal(b.local.indices, np.flatnonzero(np.isin(ds.test.labels, b.classes)))
+    assert sum(len(c.local.indices) for c in old.clients) > len(ds.test)
 
 
 def test_dirichlet_partition_keeps_only_base_classes():

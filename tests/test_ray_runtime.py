@@ -1,7 +1,9 @@
 """The Ray runtime: same metrics as in-process, failures survived, resume, GPU fallback, placement, jobs.
 
-One local Ray instance (2 CPUs, 1 fake GPU) serves the module; token auth is disabled so no
-test leaves ~/.ray/auth_token behind. The backbone is a seeded random tiny CLIP saved to a
+One local Ray instance (2 CPUs, 1 fake GPU) serves the module, with token authentication on
+(the token comes from $RAY_AUTH_TOKEN, so no test writes ~/.ray/auth_token); the `ray job submit`
+test below is the suite's one test of RAY_AUTH_MODE=disabled (token auth with jobs on a real
+cluster: tests/test_cluster.py, tests/test_readme_cluster.py). The backbone is a seeded random tiny CLIP saved to a
 file, so the driver and every actor process load identical weights.
 """
 from __future__ import annotations
@@ -10,20 +12,21 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 import warnings
 from pathlib import Path
 
+from processes import free_port
+
 import pytest
 import torch
 
-ray = pytest.importorskip("ray")
+import ray  # a required dependency: missing, the module fails (never a silent skip)
 
 from fedpgp_ray.checkpoint import CheckpointStore  # noqa: E402
-from fedpgp_ray.config import QUICKSTART, config_from_dict  # noqa: E402
+from fedpgp_ray.config import config_from_dict  # noqa: E402
 from fedpgp_ray.federation import run_federation  # noqa: E402
 from fedpgp_ray.run import feature_cache_dir, main as run_main, run_experiment  # noqa: E402
 from fedpgp_ray.runtime.local import LocalRuntime  # noqa: E402
@@ -38,7 +41,11 @@ COMPARED = ("local", "base", "novel", "hm3", "hm2", "train_loss", "train_loss_ce
 def ray_session():
     """A fresh local Ray instance: 2 CPUs and one fake GPU (CUDA itself is absent)."""
     patch = pytest.MonkeyPatch()
-    patch.setenv("RAY_AUTH_MODE", "disabled")  # no token file in ~/.ray (Ray >= 2.56 writes one otherwise)
+    # Token auth stays on: Ray's default for a new local instance (RAY_AUTH_MODE unset), which it turns
+    # on in this process; the token comes from the environment, so Ray writes none to ~/.ray.
+    patch.delenv("RAY_AUTH_MODE", raising=False)
+    patch.setenv("RAY_AUTH_TOKEN", os.urandom(16).hex())
+    patch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
     patch.delenv("RAY_ADDRESS", raising=False)
     if ray.is_initialized():
         ray.shutdown()
@@ -130,6 +137,19 @@ def test_actor_killed_or_crashed_mid_round_is_replaced_and_metrics_match(unfault
 
 
 @pytest.mark.slow
+def test_hung_actor_is_timed_out_replaced_and_metrics_match(unfaulted, tiny_weights, tmp_path):
+    # round 2: the actor running client 3 hangs (alive, never returns); after runtime.task_timeout_s
+    # it is killed and replaced, client 3 re-queued; the round completes as if nothing happened.
+    cfg = make_cfg(tmp_path / "hung", tiny_weights, task_timeout_s=60)
+    doc = run_ray(cfg, FaultPlan(hang={(2, 3)}))
+    m = doc["rounds"][2]["metrics"]
+    assert m["tasks_timed_out"] == 1 and m["actor_restarts"] == 1 and m["client_retries"] == 1
+    assert m["clients_reported"] == 5 and m["clients_failed"] == 0
+    assert doc["rounds"][1]["metrics"]["tasks_timed_out"] == 0
+    assert_same_metrics(doc, unfaulted)
+
+
+@pytest.mark.slow
 def test_client_that_keeps_failing_is_dropped_and_min_reporting_is_enforced(ray_session, tiny_weights, tmp_path):
     cfg = make_cfg(tmp_path / "dropped", tiny_weights, max_client_retries=2)
     store = CheckpointStore(tmp_path / "dropped" / "checkpoints")
@@ -174,6 +194,24 @@ def test_driver_killed_between_rounds_resumes_to_the_same_metrics(unfaulted, tin
     doc = json.loads((tmp_path / "resumed" / "results.json").read_text())
     assert doc["runtime"] == "ray"
     assert_same_metrics(doc, unfaulted)
+
+
+def test_actors_encode_each_image_once_and_a_second_run_encodes_none(ray_session, tiny_weights, tmp_path):
+    """Each actor encodes only its own clients' shards; the test set's entry is encoded by one actor while
+    the other waits and reads it; a second runtime on the same node cache encodes nothing."""
+    cfg = make_cfg(tmp_path / "run", tiny_weights)
+    cache = str(tmp_path / "cache")
+    with RayRuntime(cfg, None, cache) as runtime:
+        first = [info["encoded_images"] for info in runtime.actor_info]
+        manifest = runtime.dataset_manifest()
+    shards = {int(c): n["train"] for c, n in manifest["clients"].items()}
+    own = [sum(n for c, n in shards.items() if c % 2 == slot) for slot in range(2)]  # clients 0,2,4 / 1,3
+    test = manifest["images"]["test"]
+    assert sum(first) == sum(own) + test  # every image once, on this node
+    assert sorted(e - o for e, o in zip(first, own)) == [0, test]  # one actor took the test set
+    assert len(manifest["feature_cache"]["entries"]) == 5 + 1  # 5 client shards + 1 test range
+    with RayRuntime(cfg, None, cache) as runtime:
+        assert [info["encoded_images"] for info in runtime.actor_info] == [0, 0]
 
 
 def test_gpu_requested_but_cuda_absent_runs_on_cpu_with_one_warning(ray_session, tiny_weights, tmp_path):
@@ -231,26 +269,8 @@ def test_unplaceable_actors_fail_fast_with_a_clear_error(ray_session, tiny_weigh
 # --------------------------------------------------------------------------------------------------
 # `ray start` + `ray job submit` end to end
 # --------------------------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def quickstart_weights(tiny_weights: str) -> list[str]:
-    """Use the shipped quickstart backbone when present; else the test's tiny checkpoint."""
-    from fedpgp_ray.clip.backbone import CheckpointError, resolve_pretrained
-    from fedpgp_ray.config import load_config
-    model = load_config(QUICKSTART).model
-    try:
-        resolve_pretrained(model.name, model.pretrained)
-        return []
-    except CheckpointError:
-        return ["--set", f"model.pretrained={tiny_weights}"]
-
-
 @pytest.mark.slow
-def test_ray_job_submit_runs_the_quickstart_on_a_started_cluster(tiny_weights, tmp_path):
+def test_ray_job_submit_runs_the_quickstart_on_a_started_cluster(tmp_path):
     bin_dir = Path(sys.executable).parent
     ports = {name: free_port() for name in ("port", "dashboard-port", "ray-client-server-port",
                                              "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
@@ -288,7 +308,7 @@ def test_ray_job_submit_runs_the_quickstart_on_a_started_cluster(tiny_weights, t
              "--working-dir", str(REPO), "--runtime-env-json", json.dumps(runtime_env), "--",
              sys.executable, "-m", "fedpgp_ray.run", "--config", "configs/quickstart.yaml",
              "--set", f"output_dir={out}", "--set", "runtime.kind=ray", "--set", "train.rounds=1",
-             "--set", "train.local_epochs=1", "--set", "tracking.mlflow=false", *quickstart_weights(tiny_weights),
+             "--set", "train.local_epochs=1", "--set", "tracking.mlflow=false",
              "--no-progress"],
             env=env, cwd=tmp_path, capture_output=True, text=True, timeout=420)
         assert job.returncode == 0, (job.stdout + job.stderr)[-4000:]
@@ -327,3 +347,38 @@ def _processes_using(temp_dir: Path, wait_s: float) -> list[str]:
         if not found or time.monotonic() > deadline:
             return found
         time.sleep(1)
+
+
+@pytest.mark.slow
+def test_dp_on_ray_clips_on_the_client_actor_and_matches_in_process(ray_session, tiny_weights, tmp_path):
+    """DP-FedAvg on Ray: the client actors clip, the server actor adds the (seeded) noise; the run equals
+    the in-process DP run, epsilon included, and an actor's upload is already clipped when it leaves."""
+    from fedpgp_ray import privacy
+    from fedpgp_ray.config import config_to_dict
+
+    def private(out: Path, kind: str):
+        data = config_to_dict(make_cfg(out, tiny_weights, kind=kind))
+        data["federation"]["client_fraction"] = 0.6
+        data["privacy"] = {"enabled": True, "seeded": True, "noise_multiplier": 1.0, "clip_norm": 0.005}
+        return config_from_dict(data)
+
+    cfg = private(tmp_path / "ray", "ray")
+    store = CheckpointStore(Path(cfg.output_dir) / "checkpoints")
+    with RayRuntime(cfg, store, feature_cache_dir()) as runtime:
+        on_ray = run_federation(cfg, runtime, store)
+        glob = ray.get(runtime.server_actor.call.remote("global_params"))
+        upload = ray.get(runtime.actors[runtime.slot_of(3)].fit.remote(3, 99, glob))
+    assert set(upload.params) == {"sigma"}
+    assert privacy.update_norm({"sigma": upload.params["sigma"].double() - glob["sigma"].double()}) <= 0.005 * (1 + 1e-5)
+    local_cfg = private(tmp_path / "local", "local")
+    threads = torch.get_num_threads()
+    try:
+        with LocalRuntime(local_cfg, None, feature_cache_dir()) as rt:
+            in_process = run_federation(local_cfg, rt, None)
+    finally:
+        torch.set_num_threads(threads)
+    assert_same_metrics(on_ray, in_process)
+    for a, b in zip(on_ray["rounds"][1:], in_process["rounds"][1:]):
+        assert a["metrics"]["clients_sampled"] == b["metrics"]["clients_sampled"]
+        assert a["metrics"]["privacy/epsilon"] == b["metrics"]["privacy/epsilon"] == privacy.epsilon(0.6, 1.0, a["round"], 1e-5)
+    assert on_ray["privacy"]["epsilon"] == in_process["privacy"]["epsilon"] > 0

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from processes import free_port
 
-from fedpgp_ray import tracking
+from fedpgp_ray import mlflow_project, tracking
 from fedpgp_ray.config import config_from_dict
 from fedpgp_ray.run import main, run_experiment
 
@@ -45,12 +46,6 @@ def _no_mlflow_env(monkeypatch):
 def small_cfg(tmp_path, *overrides: str, mlflow: bool = True):
     data = {**copy.deepcopy(SMALL), "output_dir": str(tmp_path / "run"), "tracking": {"mlflow": mlflow}}
     return config_from_dict(data, list(overrides))  # deep copy: overrides write into nested dicts
-
-
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def steps(client, run_id: str, key: str) -> list[int]:
@@ -86,21 +81,28 @@ def test_round_metrics_are_split_into_batches_of_1000_with_the_marker_last():
     tracker = tracking.MlflowTracker(small_cfg(Path("/tmp")), fake, run, "sqlite:////x.db", set())
     tracker.queue_round(3, metrics)
     tracker.flush()
+    tracker.close()
     assert [len(c) for c in calls] == [1000, 202]
     assert calls[-1][-1].key == tracking.STEP_MARKER and all(p.step == 3 for c in calls for p in c)
 
 
 def test_project_parameters_map_onto_run_arguments():
-    assert tracking.project_argv("/c.yaml", "2", "", "", "", "") == ["--config", "/c.yaml", "--set", "train.rounds=2"]
-    argv = tracking.project_argv("", "", "local,fedpgp", "3", "train.lr=0.01 'data.domains=[a, b]'", "/out")
+    assert mlflow_project.project_argv("/c.yaml", "2", "", "", "", "") == ["--config", "/c.yaml", "--set", "train.rounds=2"]
+    argv = mlflow_project.project_argv("", "", "local,fedpgp", "3", "train.lr=0.01 'data.domains=[a, b]'", "/out")
     assert argv == ["--algorithms", "local,fedpgp", "--set", "seed=3", "--set", "output_dir=/out",
                     "--set", "train.lr=0.01", "--set", "data.domains=[a, b]"]
+
+
+def test_project_entry_point_refuses_a_missing_workdir(tmp_path, capsys):
+    assert mlflow_project.project_main(["run", "--workdir", str(tmp_path / "missing"), "--config", "quickstart"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --workdir") and len(err.strip().splitlines()) == 1
 
 
 def test_compare_and_bench_parameters_pass_through():
     pairs = ["--config", "/c.yaml", "--algorithms", "", "--seeds", "0,1", "--ablations", "false",
              "--overrides", "train.rounds=1 federation.num_clients=3", "--no-progress", "true"]
-    assert tracking.passthrough_argv(pairs) == ["--config", "/c.yaml", "--seeds", "0,1", "--no-progress",
+    assert mlflow_project.passthrough_argv(pairs) == ["--config", "/c.yaml", "--seeds", "0,1", "--no-progress",
                                                 "--set", "train.rounds=1", "--set", "federation.num_clients=3"]
     project = yaml.safe_load((PROJECT / "MLproject").read_text())
     modules = {"compare": REPO / "fedpgp_ray" / "compare.py", "bench": REPO / "fedpgp_ray" / "bench.py"}
@@ -115,7 +117,10 @@ def test_python_env_repeats_requirements_txt():
 
 def test_uri_rules(tmp_path, monkeypatch):
     cfg = small_cfg(tmp_path)
-    assert tracking.resolve_tracking_uri(cfg) == f"sqlite:///{tmp_path / 'run' / 'mlflow.db'}"
+    # the default store sits beside the run directory: runs under one folder share it
+    assert tracking.resolve_tracking_uri(cfg) == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.chdir(tmp_path / "..")
+    assert tracking.default_tracking_uri("s3://bucket/runs/a") == f"sqlite:///{(tmp_path / '..').resolve() / 'mlflow.db'}"
     monkeypatch.chdir(tmp_path)
     cfg.tracking.uri = "sqlite:///rel/mlflow.db"
     assert tracking.resolve_tracking_uri(cfg) == f"sqlite:///{tmp_path / 'rel' / 'mlflow.db'}"
@@ -134,27 +139,32 @@ def test_mlflow_is_imported_only_when_tracking_is_on():
 
 # -- fail fast, off switch ----------------------------------------------------------------------------------
 def test_unreachable_tracking_server_fails_before_training(tmp_path, monkeypatch, capsys):
-    uri = f"http://127.0.0.1:{closed_port()}"
+    uri = f"http://127.0.0.1:{free_port()}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     config = tmp_path / "small.yaml"
     config.write_text(yaml.safe_dump({**SMALL, "output_dir": str(tmp_path / "run")}))
     began = time.perf_counter()
     assert main(["--config", str(config), "--no-progress"]) == 2
-    assert time.perf_counter() - began < 15
+    assert time.perf_counter() - began < 60  # not MLflow's minutes of retries (a hang guard, not a speed test)
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: MLflow tracking server") and uri in err and "cannot be reached" in err
     assert len(err.splitlines()) == 1
     assert not (tmp_path / "run" / "checkpoints").exists()  # no round ran
 
 
-def test_tracking_off_writes_no_store_and_contacts_none(tmp_path, monkeypatch):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{closed_port()}")  # would fail if used
+def test_tracking_off_writes_no_store_and_contacts_none(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")  # would fail if used
     cfg = small_cfg(tmp_path, "train.rounds=1", mlflow=False)
     run_experiment(cfg, progress=False)
+    captured = capsys.readouterr()  # start-up says what it does (stderr), then one line per round (stdout)
+    assert "starting the local runtime" in captured.err and "loading the backbone" in captured.err
+    assert "fedpgp round 0/1:" in captured.out and "fedpgp round 1/1:" in captured.out
     out = Path(cfg.output_dir)
     assert (out / "results.json").is_file()
-    assert not (out / "mlflow.db").exists() and not (out / tracking.RUN_FILE).exists()
-    assert not (out / tracking.ARTIFACT_DIR).exists()
+    assert not (out.parent / "mlflow.db").exists() and not (out / tracking.RUN_FILE).exists()
+    assert not (out.parent / tracking.ARTIFACT_DIR).exists()
+    # the tables and figures are written to the run directory all the same
+    assert {"results.csv", "results.md", "rounds.csv", "accuracy.png", "clients.png"} <= {p.name for p in out.iterdir()}
 
 
 def test_mlflow_run_id_is_honoured_and_a_second_experiment_gets_a_child_run(tmp_path, monkeypatch):
@@ -170,10 +180,11 @@ def test_mlflow_run_id_is_honoured_and_a_second_experiment_gets_a_child_run(tmp_
     first = tracking.start_tracker(small_cfg(tmp_path / "a"))
     second = tracking.start_tracker(small_cfg(tmp_path / "b"))
     first.finished = second.finished = True  # no training here: keep the atexit hook off these runs
+    first.close(), second.close()
     assert first.run_id == parent and second.run_id != parent
     assert client.get_run(second.run_id).data.tags["mlflow.parentRunId"] == parent
     assert client.get_run(parent).data.params["cfg.output_dir"] == str(tmp_path / "a" / "run")
-    assert not (tmp_path / "a" / "run" / "mlflow.db").exists()  # the handed-over store, not the default
+    assert not (tmp_path / "a" / "mlflow.db").exists()  # the handed-over store, not the default
 
     monkeypatch.setenv("MLFLOW_RUN_ID", "0" * 32)
     with pytest.raises(tracking.TrackingError, match="MLFLOW_RUN_ID"):
@@ -201,7 +212,7 @@ def test_resume_continues_the_same_run_without_duplicated_steps(tmp_path):
     out = Path(cfg.output_dir)
     saved = json.loads((out / tracking.RUN_FILE).read_text())
     client = MlflowClient(saved["tracking_uri"])
-    assert saved["tracking_uri"] == f"sqlite:///{out / 'mlflow.db'}"
+    assert saved["tracking_uri"] == f"sqlite:///{out.parent / 'mlflow.db'}"
     assert steps(client, saved["run_id"], "round_seconds") == [0, 1]  # round 2 checkpointed, not logged
 
     resumed = small_cfg(tmp_path, "train.rounds=3")
@@ -230,11 +241,12 @@ def test_mlflow_run_project_logs_every_round_and_the_artifacts(tmp_path):
     experiment = client.create_experiment("fedpgp-project-test", artifact_location=(tmp_path / "art").as_uri())
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     rounds = 2
-    cmd = [str(Path(sys.executable).parent / "mlflow"), "run", "mlflow_projects/fedpgp",
-           "-P", "config=configs/quickstart.yaml", "-P", f"rounds={rounds}", "--env-manager", "local",
-           "--experiment-name", "fedpgp-project-test",
-           "-P", f"output_dir={tmp_path / 'run'}", "-P", f"overrides={SMALL_OVERRIDES}"]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    # from a user's own directory: a packaged config by name, the default output_dir (relative)
+    cmd = [str(Path(sys.executable).parent / "mlflow"), "run", str(PROJECT),
+           "-P", "config=quickstart", "-P", f"rounds={rounds}", "--env-manager", "local",
+           "--experiment-name", "fedpgp-project-test", "-P", f"overrides={SMALL_OVERRIDES}"]
+    before = sorted(p.relative_to(PROJECT) for p in PROJECT.rglob("*"))
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert f"mlflow ui --backend-store-uri {shlex.quote(uri)}" in proc.stdout
 
@@ -242,8 +254,14 @@ def test_mlflow_run_project_logs_every_round_and_the_artifacts(tmp_path):
     rid, params = run.info.run_id, run.data.params
     assert run.info.status == "FINISHED"
     assert params["rounds"] == "2" and params["cfg.train.rounds"] == "2"  # -P params and cfg.* side by side
-    assert params["cfg.output_dir"] == str(tmp_path / "run")
-    assert {"algorithm", "dataset", "runtime"} <= set(run.data.tags) and run.data.tags["algorithm"] == "fedpgp"
+    out = tmp_path / "runs" / f"mlflow-{rid}"  # under the directory `mlflow run` ran in, not in mlflow_projects/
+    assert params["cfg.output_dir"] == str(out) and (out / "results.json").is_file()
+    assert sorted(p.relative_to(PROJECT) for p in PROJECT.rglob("*")) == before
+    tags = run.data.tags
+    assert {"algorithm", "dataset", "runtime"} <= set(tags) and tags["algorithm"] == "fedpgp"
+    from fedpgp_ray import __version__
+    assert tags["fedpgp_ray_version"] == __version__ and tags["config_file"] == "quickstart.yaml"
+    assert tags["hostname"] == socket.gethostname() and len(tags["git_commit"]) == 40
     every, clients = int(params["cfg.evaluation.every"]), int(params["cfg.federation.num_clients"])
     evaluated = [r for r in range(rounds + 1) if r in (0, rounds) or r % every == 0]
     trained = list(range(1, rounds + 1))
@@ -274,6 +292,6 @@ def test_mlflow_run_project_logs_every_round_and_the_artifacts(tmp_path):
         with Image.open(local / "figures" / name) as image:
             image.verify()
     doc = json.loads((local / "results" / "results.json").read_text())
-    assert doc == json.loads((tmp_path / "run" / "results.json").read_text())
+    assert doc == json.loads((out / "results.json").read_text())
     assert yaml.safe_load((local / "config" / "config.yaml").read_text())["train"]["rounds"] == rounds
     assert "| all |" in (local / "results" / "results.md").read_text()

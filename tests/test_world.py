@@ -13,10 +13,10 @@ import torch
 
 from fedpgp_ray.clip import backbone
 from fedpgp_ray.clip.backbone import CheckpointError, load_clip
-from fedpgp_ray.config import DataConfig, ModelConfig, WorldConfig, config_from_dict, load_config
+from fedpgp_ray.config import DataConfig, ModelConfig, WorldConfig, load_config
 from fedpgp_ray.data import world
 from fedpgp_ray.data.base import DATASETS, DataError
-from fedpgp_ray.pretrain import images_to_tensor, zero_shot_accuracy
+from fedpgp_ray.clip.pretraining import images_to_tensor, zero_shot_accuracy
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -204,6 +204,11 @@ def test_world_configs_validate_and_build(name):
         assert cfg.federation.num_clients % (len(cfg.data.world.domains) - 1) == 0
 
 
+# FedPGP's final Local/Base/Novel on the quickstart (seed 0, 1 torch thread per worker, as the config
+# sets it), as the README states them; a run on another machine of this kind must land within 1 point.
+QUICKSTART_FEDPGP = {"local": 63.9, "base": 36.3, "novel": 41.9}
+
+
 @pytest.mark.slow
 def test_quickstart_shows_the_base_to_novel_trade_off(tmp_path):
     """On the quickstart task, personalised prompts beat zero-shot CLIP on each client's classes,
@@ -217,8 +222,10 @@ def test_quickstart_shows_the_base_to_novel_trade_off(tmp_path):
         return run_experiment(cfg, progress=False)["final"]
 
     zero, fedpgp, local = run("clip"), run("fedpgp"), run("local")
-    # measured (seed 0): Local zero-shot 43.5 -> FedPGP 49.7, Local CoOp 71.5;
-    # Novel zero-shot 49.1, FedPGP 48.4, Local CoOp 37.0
+    # measured (seed 0, 25 rounds, 100 test images per class): zero-shot 42.9/43.1/48.6, FedPGP
+    # 63.86/36.32/41.86 (in-process and on Ray alike); Local CoOp at 20 test images per class: 81.0/26.6/32.3
+    for key, value in QUICKSTART_FEDPGP.items():  # the README's numbers
+        assert abs(fedpgp[key] - value) <= 1.0, (key, fedpgp, QUICKSTART_FEDPGP)
     assert fedpgp["local"] >= zero["local"] + 3, (zero, fedpgp)
     assert local["local"] >= zero["local"] + 15, (zero, local)
     assert local["novel"] <= zero["novel"] - 6, (zero, local)

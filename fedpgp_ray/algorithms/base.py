@@ -112,6 +112,12 @@ class Algorithm(ABC):
         """Evaluation logits; algorithms that use more than pooled image features override this."""
         return enc.clip.logit_scale * image_features @ self.class_features(enc, params, classnames).t()
 
+    def global_classifier(self, global_params: Params) -> Params | None:
+        """The params of the classifier the global parameters define on their own (the run's global
+        model: what a client without personal training gets), or None when the algorithm's classifier
+        needs personal parameters (Local, FedOTP)."""
+        return dict(global_params) if not self.personal_keys else None
+
 
 def normal_init(shape: tuple[int, ...], std: float, generator: torch.Generator) -> torch.Tensor:
     return torch.randn(*shape, generator=generator) * std

@@ -47,11 +47,18 @@ class FedPGP(Algorithm):
         ctx = params["sigma"] + params["U"] @ params["V"]
         return enc.text.encode(ctx, enc.prompts(classnames))
 
+    def global_classifier(self, global_params: Params) -> Params:
+        """sigma alone: U = 0 and V = 0 make the personal term exactly zero (ctx = sigma)."""
+        sigma = global_params["sigma"]
+        return {"sigma": sigma, "U": sigma.new_zeros(sigma.shape[0], self.cfg.rank),
+                "V": sigma.new_zeros(self.cfg.rank, sigma.shape[1])}
+
     def loss(self, enc: FrozenEncoders, params: Params, image_features: torch.Tensor, labels: torch.Tensor,
              classnames: list[str], global_start: Params) -> LossTerms:
-        fp = self.class_features(enc, params, classnames)
         if self.cfg.mu == 0:  # ablation: no contrastive term, so no sigma-only pass either
             return super().loss(enc, params, image_features, labels, classnames, global_start)
-        fs = enc.text.encode(params["sigma"], enc.prompts(classnames))
+        # sigma + U V and sigma in one batched text pass (same features as two passes)
+        sigma = params["sigma"]
+        fp, fs = enc.text.encode_many([sigma + params["U"] @ params["V"], sigma], enc.prompts(classnames))
         f0 = enc.placeholder_features(classnames)
         return fedpgp_loss(enc.clip.logit_scale, image_features, labels, fs, f0, fp, self.cfg.mu, self.cfg.tau)

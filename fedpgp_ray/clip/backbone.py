@@ -63,10 +63,10 @@ def resolve_pretrained(name: str, pretrained: str | None) -> str | None:
         path = WEIGHTS_DIR / entry["file"]
         if not path.is_file():
             raise CheckpointError(f"shipped checkpoint {path} is missing: reinstall the package or "
-                                  f"rebuild it with `python -m fedpgp_ray.pretrain`")
+                                  f"rebuild it with `fedpgp-ray pretrain --out {path} --force`")
         if sha256_of(path) != entry["sha256"]:
             raise CheckpointError(f"shipped checkpoint {path} fails its sha256 check: reinstall the package "
-                                  f"or rebuild it with `python -m fedpgp_ray.pretrain`")
+                                  f"or rebuild it with `fedpgp-ray pretrain --out {path} --force`")
         return str(path)
     looks_like_path = any(s in pretrained for s in ("/", "\\")) or pretrained.endswith(
         (".pt", ".pth", ".bin", ".safetensors")) or Path(pretrained).expanduser().is_file()
@@ -81,7 +81,7 @@ def resolve_pretrained(name: str, pretrained: str | None) -> str | None:
         shipped = sorted(k for k in shipped_weights() if k.startswith(name + "/"))
         known = (f"open_clip knows {', '.join(tags)}" if tags else
                  f"open_clip has no tags for it; the package ships {', '.join(shipped) or 'none'} "
-                 f"(project checkpoints are built by `python -m fedpgp_ray.pretrain`)")
+                 f"(project checkpoints are built by `fedpgp-ray pretrain`)")
         raise CheckpointError(f"unknown pretrained tag '{pretrained}' for model '{name}' and no file "
                               f"{Path(pretrained).absolute()}: {known}; set model.pretrained to a tag, "
                               f"a checkpoint file or null")
@@ -117,10 +117,26 @@ class FrozenClip(nn.Module):
     def train(self, mode: bool = True) -> "FrozenClip":
         return super().train(False)  # frozen: never leaves eval mode
 
+    @property
+    def autocast_enabled(self) -> bool:
+        """precision 'amp': bf16 autocast, on CUDA and on CPU alike (so the path runs without a GPU)."""
+        return self.precision == "amp"
+
     def autocast(self):
-        """bf16 autocast on CUDA when precision is 'amp'; a no-op otherwise."""
-        enabled = self.precision == "amp" and self.device.type == "cuda"
-        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=enabled)
+        """bf16 autocast when precision is 'amp'; a no-op otherwise."""
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.autocast_enabled)
+
+    def weights_digest(self) -> str:
+        """sha256 of the loaded weights (every parameter and buffer, by name): computed once, used in
+        feature-cache keys, so features never outlive the weights they came from."""
+        if getattr(self, "_weights_digest", None) is None:
+            digest = hashlib.sha256()
+            for name, tensor in sorted(self.model.state_dict().items()):
+                t = tensor.detach().cpu().contiguous()
+                digest.update(f"{name}:{t.dtype}:{list(t.shape)}".encode())
+                digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+            self._weights_digest = digest.hexdigest()
+        return self._weights_digest
 
     @torch.no_grad()  # not inference_mode: cached features feed autograd graphs later
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
@@ -295,6 +311,15 @@ class PromptTextEncoder:
         x = torch.cat([prompts.prefix, ctx.to(prompts.prefix.dtype), prompts.suffix], dim=1)
         return self._encode_embeddings(x, prompts)
 
+    def encode_many(self, contexts: list[torch.Tensor], prompts: ClassPrompts) -> list[torch.Tensor]:
+        """`[encode(c, prompts) for c in contexts]` for shared contexts ([n_ctx, width] each), in one
+        batched shared-prefix pass: every linear layer runs one GEMM over all contexts' tokens
+        (FedPGP's sigma and sigma + U V prompts), half the kernel launches of separate passes."""
+        if (len(contexts) > 1 and all(c.dim() == 2 for c in contexts) and self.shared_prefix
+                and self.supports_shared_prefix and _common_row(prompts.prefix) is not None):
+            return list(self._encode_shared_prefix(torch.stack(contexts), prompts).unbind(0))
+        return [self.encode(c, prompts) for c in contexts]
+
     def encode_placeholder(self, prompts: ClassPrompts) -> torch.Tensor:
         """Features of the frozen "X X ... X {c}." prompts (FedPGP's f0)."""
         with torch.no_grad():
@@ -320,22 +345,31 @@ class PromptTextEncoder:
         return F.normalize(x.float(), dim=-1)
 
     def _encode_shared_prefix(self, ctx: torch.Tensor, prompts: ClassPrompts) -> torch.Tensor:
-        """The shared-prefix pass: [SOS]+ctx once per layer, the class suffixes against its keys/values."""
+        """The shared-prefix pass: [SOS]+ctx once per layer, the class suffixes against its keys/values.
+
+        ctx: [n_ctx, width] -> features [n_cls, D]; or G contexts [G, n_ctx, width] -> [G, n_cls, D],
+        all groups' tokens in one matrix (group g's suffixes attend to group g's prefix only).
+        """
         model = self.clip.model
+        groups = ctx.unsqueeze(0) if ctx.dim() == 2 else ctx
+        G = groups.shape[0]
         n_cls, S, width = prompts.suffix.shape
-        P = 1 + ctx.shape[0]
+        P = 1 + groups.shape[1]
         pos = model.positional_embedding[:prompts.length]
         dtype = prompts.prefix.dtype
         with self.clip.autocast():
-            head = torch.cat([prompts.prefix[0], ctx.to(dtype)]) + pos[:P].to(dtype)              # [P, width]
+            sos = prompts.prefix[0].expand(G, 1, width)
+            head = (torch.cat([sos, groups.to(dtype)], dim=1) + pos[:P].to(dtype)).reshape(G * P, width)
             tail = (prompts.suffix + pos[P:].to(dtype)).reshape(n_cls * S, width)                 # [n_cls*S, width]
-            x = torch.cat([head, tail])  # all tokens in one matrix: one GEMM per linear layer
+            # all tokens in one matrix: one GEMM per linear layer ([G*P prefix rows; G*n_cls*S suffix rows])
+            x = torch.cat([head, tail.repeat(G, 1)])
             mask = self._suffix_mask(P, S, x.device)
             *blocks, last = model.transformer.resblocks
             for block in blocks:
-                x = _shared_prefix_block(block, x, P, n_cls, S, mask)
+                x = _shared_prefix_block(block, x, P, n_cls, S, mask, G)
             # Last layer: only the EOT tokens' outputs are read, so only they need queries, out_proj and MLP.
-            return self._project(_eot_block(last, x, P, n_cls, S, prompts.eot - P))
+            out = self._project(_eot_block(last, x, P, n_cls, S, prompts.eot - P, G))
+        return out if ctx.dim() == 2 else out.reshape(G, n_cls, -1)
 
     def _suffix_mask(self, P: int, S: int, device: torch.device) -> torch.Tensor:
         """[S, P + S] boolean: a suffix token sees the whole prefix and the suffix tokens up to itself."""
@@ -376,11 +410,17 @@ def _supports_shared_prefix(model: nn.Module) -> bool:
     return bool((torch.isneginf(mask) == upper).all() and (mask[~upper] == 0).all())
 
 
-def _shared_prefix_block(block: nn.Module, x: torch.Tensor, P: int, n_cls: int, S: int,
-                         mask: torch.Tensor) -> torch.Tensor:
-    """One ResidualAttentionBlock on [prefix (P rows); n_cls suffixes (S rows each)] tokens.
+def _per_class(t: torch.Tensor, n_cls: int) -> torch.Tensor:
+    """[G, H, P, hd] prefix keys/values -> [G*n_cls, H, P, hd]: each group's prefix for each of its classes."""
+    G = t.shape[0]
+    return t.expand(n_cls, -1, -1, -1) if G == 1 else t.unsqueeze(1).expand(-1, n_cls, -1, -1, -1).flatten(0, 1)
 
-    The prefix attends causally to itself; each suffix attends to the prefix's keys/values
+
+def _shared_prefix_block(block: nn.Module, x: torch.Tensor, P: int, n_cls: int, S: int,
+                         mask: torch.Tensor, G: int = 1) -> torch.Tensor:
+    """One ResidualAttentionBlock on [G prefixes (P rows each); G x n_cls suffixes (S rows each)] tokens.
+
+    Each prefix attends causally to itself; each suffix attends to its group's prefix keys/values
     (shared, computed once) and causally to its own tokens: exactly what every class's full
     sequence would compute, without repeating the prefix per class.
     """
@@ -392,36 +432,39 @@ def _shared_prefix_block(block: nn.Module, x: torch.Tensor, P: int, n_cls: int, 
     def heads(t: torch.Tensor, batch: int) -> torch.Tensor:  # [batch*L, width] -> [batch, H, L, hd]
         return t.reshape(batch, -1, H, width // H).transpose(1, 2)
 
-    qp, kp, vp = heads(q[:P], 1), heads(k[:P], 1), heads(v[:P], 1)
+    GP, B = G * P, G * n_cls
+    qp, kp, vp = heads(q[:GP], G), heads(k[:GP], G), heads(v[:GP], G)
     out_p = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True)
-    ks = torch.cat([kp.expand(n_cls, -1, -1, -1), heads(k[P:], n_cls)], dim=2)
-    vs = torch.cat([vp.expand(n_cls, -1, -1, -1), heads(v[P:], n_cls)], dim=2)
-    out_s = F.scaled_dot_product_attention(heads(q[P:], n_cls), ks, vs, attn_mask=mask)
-    out = torch.cat([out_p.transpose(1, 2).reshape(P, width), out_s.transpose(1, 2).reshape(n_cls * S, width)])
+    ks = torch.cat([_per_class(kp, n_cls), heads(k[GP:], B)], dim=2)
+    vs = torch.cat([_per_class(vp, n_cls), heads(v[GP:], B)], dim=2)
+    out_s = F.scaled_dot_product_attention(heads(q[GP:], B), ks, vs, attn_mask=mask)
+    out = torch.cat([out_p.transpose(1, 2).reshape(GP, width), out_s.transpose(1, 2).reshape(B * S, width)])
     x = x + block.ls_1(F.linear(out, attn.out_proj.weight, attn.out_proj.bias))
     return x + block.ls_2(block.mlp(block.ln_2(x)))
 
 
-def _eot_block(block: nn.Module, x: torch.Tensor, P: int, n_cls: int, S: int, eot: torch.Tensor) -> torch.Tensor:
-    """The last block for the EOT tokens only ([n_cls, width]); eot: each class's EOT index within its suffix.
+def _eot_block(block: nn.Module, x: torch.Tensor, P: int, n_cls: int, S: int, eot: torch.Tensor,
+               G: int = 1) -> torch.Tensor:
+    """The last block for the EOT tokens only ([G*n_cls, width]); eot: each class's EOT index within its suffix.
 
-    Keys/values come from every token (prefix + the class's suffix up to its EOT), queries, out_proj
-    and the MLP only from the EOT token: the other tokens' last-layer outputs are never read.
+    Keys/values come from every token (the group's prefix + the class's suffix up to its EOT), queries,
+    out_proj and the MLP only from the EOT token: the other tokens' last-layer outputs are never read.
     """
     attn = block.attn
     H = attn.num_heads
     width = x.shape[-1]
     hd = width // H
+    GP, B = G * P, G * n_cls
     a = block.ln_1(x)
     w, b = attn.in_proj_weight, attn.in_proj_bias
     k, v = F.linear(a, w[width:], None if b is None else b[width:]).chunk(2, dim=-1)
-    rows = P + torch.arange(n_cls, device=x.device) * S + eot
-    q = F.linear(a[rows], w[:width], None if b is None else b[:width])                      # [n_cls, width]
-    kp, vp = (t[:P].reshape(1, P, H, hd).transpose(1, 2).expand(n_cls, -1, -1, -1) for t in (k, v))
-    ks, vs = (t[P:].reshape(n_cls, S, H, hd).transpose(1, 2) for t in (k, v))
-    visible = torch.arange(S, device=x.device) <= eot.unsqueeze(1)                          # [n_cls, S]
-    mask = torch.cat([visible.new_ones(n_cls, P), visible], dim=1)[:, None, None, :]         # [n_cls, 1, 1, P+S]
-    out = F.scaled_dot_product_attention(q.reshape(n_cls, 1, H, hd).transpose(1, 2), torch.cat([kp, ks], dim=2),
+    rows = GP + torch.arange(B, device=x.device) * S + eot.repeat(G)
+    q = F.linear(a[rows], w[:width], None if b is None else b[:width])                      # [B, width]
+    kp, vp = (_per_class(t[:GP].reshape(G, P, H, hd).transpose(1, 2), n_cls) for t in (k, v))
+    ks, vs = (t[GP:].reshape(B, S, H, hd).transpose(1, 2) for t in (k, v))
+    visible = torch.arange(S, device=x.device) <= eot.repeat(G).unsqueeze(1)                # [B, S]
+    mask = torch.cat([visible.new_ones(B, P), visible], dim=1)[:, None, None, :]             # [B, 1, 1, P+S]
+    out = F.scaled_dot_product_attention(q.reshape(B, 1, H, hd).transpose(1, 2), torch.cat([kp, ks], dim=2),
                                          torch.cat([vp, vs], dim=2), attn_mask=mask)
-    h = x[rows] + block.ls_1(F.linear(out.reshape(n_cls, width), attn.out_proj.weight, attn.out_proj.bias))
+    h = x[rows] + block.ls_1(F.linear(out.reshape(B, width), attn.out_proj.weight, attn.out_proj.bias))
     return h + block.ls_2(block.mlp(block.ln_2(h)))

@@ -7,8 +7,9 @@
     <data.root>/dtd/images/<class>/*.jpg                         + split_zhou_DescribableTextures.json
 
 A split file maps "train", "val" and "test" to [relative_path, label, classname] rows; paths are
-relative to the image folder. As in CoOp, train + val are the pool that few-shot training images
-are drawn from (in `partition.py`), and test is the test set.
+relative to the image folder. As in CoOp and the reference, few-shot training images are drawn
+from `train` only (in `partition.py`; `val` is CoOp's validation set, left out unless
+`data.few_shot_pool: train+val`), and test is the test set.
 
 Labels: with `data.class_order: name` (default) label i is the i-th of the sorted cleaned class
 names (SPEC: sort, first half base). `class_order: coop` keeps the split file's label ids, which
@@ -135,7 +136,8 @@ def load_coop(spec: CoopSpec, cfg: DataConfig) -> ClassificationDataset:
                            f"official split)", spec.expected())
     split = read_split_file(split_path, spec.name, spec.expected())
     keep_row = (lambda rel: rel.split("/", 1)[0] not in spec.ignored) if spec.ignored else (lambda rel: True)
-    train_rows = [r for r in split["train"] + split["val"] if keep_row(r[0])]
+    pool = split["train"] + (split["val"] if cfg.few_shot_pool == "train+val" else [])
+    train_rows = [r for r in pool if keep_row(r[0])]
     test_rows = [r for r in split["test"] if keep_row(r[0])]
     rows = train_rows + test_rows
     classnames = _class_order(spec, split_path, rows, cfg.class_order)

@@ -23,12 +23,14 @@ from PIL import Image
 
 from fedpgp_ray.config import DataConfig
 from fedpgp_ray.data.base import DataError
+from fedpgp_ray.progress import Progress
 
 log = logging.getLogger(__name__)
 
 DOCS = "docs/DATASETS.md"
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
 CACHE_ENV = "FEDPGP_IMAGE_CHECK_DIR"
+CHECK_VERSION = 2  # in the record key: records of an older, weaker check (2 = full decode) are not trusted
 SplitEntry = tuple[str, int, str]
 
 
@@ -129,28 +131,18 @@ def image_check_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "fedpgp-ray" / "image-checks"
 
 
-def _jpeg_tail_ok(path: str) -> bool:
-    """A complete JPEG ends with the EOI marker (possibly followed by zero padding)."""
-    with open(path, "rb") as fh:
-        fh.seek(0, os.SEEK_END)
-        fh.seek(max(fh.tell() - 64, 0))
-        tail = fh.read().rstrip(b"\x00\r\n ")
-    return tail.endswith(b"\xff\xd9")
-
-
 def check_image(path: str) -> str | None:
     """None if the image is readable, else the reason.
 
-    PIL's verify() checks the header (and every chunk CRC of a PNG); JPEGs without their end
-    marker and formats verify() does not cover are decoded in full to catch truncation.
+    PIL's verify() checks the header (and every chunk CRC of a PNG); the image is then decoded
+    in full, which catches truncated files and data that does not decode behind an intact header
+    (e.g. a broken PNG data stream with valid CRCs). A JPEG whose scan data libjpeg tolerates
+    (it fills the gap with grey and only warns) decodes, and passes.
     """
     try:
         with Image.open(path) as img:
-            fmt = img.format
             img.verify()
-        if fmt == "PNG" or (fmt == "JPEG" and _jpeg_tail_ok(path)):
-            return None
-        with Image.open(path) as img:
+        with Image.open(path) as img:  # verify() leaves the image unusable: open again to decode
             img.load()
     except FileNotFoundError:
         return "file not found"
@@ -180,15 +172,16 @@ def verify_images(paths: Sequence[str], *, skip_bad: bool, dataset: str) -> np.n
     which case they are dropped and logged (count and paths) at WARNING level.
     """
     stats, missing = _stat_record(paths)
-    digest = hashlib.sha256(json.dumps(stats).encode()).hexdigest()
+    digest = hashlib.sha256(json.dumps([CHECK_VERSION, stats]).encode()).hexdigest()
     marker = image_check_dir() / f"{digest}.ok"
     if not missing and marker.is_file():
         return np.ones(len(paths), dtype=bool)
     bad: dict[str, str] = {p: "file not found" for p in missing}
     existing = [s[0] for s in stats]
     workers = min(16, 4 * (os.cpu_count() or 1))
-    with ThreadPoolExecutor(max_workers=workers) as pool:
+    with ThreadPoolExecutor(max_workers=workers) as pool, Progress(len(existing), f"verifying {dataset} images") as bar:
         for p, reason in zip(existing, pool.map(check_image, existing, chunksize=64)):
+            bar.update(1)
             if reason is not None:
                 bad[p] = reason
     if not bad:

@@ -54,7 +54,8 @@ def split_base_novel(num_classes: int) -> tuple[list[int], list[int]]:
 
 
 def pathological_classes(classes: list[int], num_clients: int, seed: int) -> list[list[int]]:
-    """Shuffle classes with a fixed seed and cut K contiguous chunks of round(n/K); the last takes the rest."""
+    """Shuffle classes with `seed` (data.partition_seed: fixed, 2023 as in the reference, unless set to
+    null) and cut K contiguous chunks of round(n/K); the last takes the rest."""
     if len(classes) < num_clients:
         raise DataError(f"pathological partition needs at least one class per client: {len(classes)} classes "
                         f"for {num_clients} clients (lower federation.num_clients or use more classes)")
@@ -71,11 +72,36 @@ def pathological_classes(classes: list[int], num_clients: int, seed: int) -> lis
 def dirichlet_indices(labels: np.ndarray, indices: np.ndarray, num_clients: int, beta: float,
                       rng: np.random.Generator) -> list[np.ndarray]:
     """Label skew: each class's images are split over clients with proportions ~ Dir(beta)."""
+    return dirichlet_split(labels, indices, num_clients, beta, rng)[0]
+
+
+def dirichlet_split(labels: np.ndarray, indices: np.ndarray, num_clients: int, beta: float,
+                    rng: np.random.Generator) -> tuple[list[np.ndarray], dict[int, np.ndarray]]:
+    """`dirichlet_indices` plus the proportions drawn for each class (label -> [num_clients])."""
     shards: list[list[int]] = [[] for _ in range(num_clients)]
+    proportions: dict[int, np.ndarray] = {}
     for label in np.unique(labels[indices]):
         members = rng.permutation(indices[labels[indices] == label])
-        cuts = (np.cumsum(rng.dirichlet(np.full(num_clients, beta)))[:-1] * len(members)).astype(int)
-        for client, part in enumerate(np.split(members, cuts)):
+        proportions[int(label)] = rng.dirichlet(np.full(num_clients, beta))
+        for client, part in enumerate(split_by_proportions(members, proportions[int(label)])):
+            shards[client].extend(part.tolist())
+    return [np.sort(np.asarray(s, dtype=np.int64)) for s in shards], proportions
+
+
+def split_by_proportions(members: np.ndarray, proportions: np.ndarray) -> list[np.ndarray]:
+    """Cut `members` into len(proportions) consecutive parts of (floored cumulative) sizes."""
+    cuts = (np.cumsum(proportions)[:-1] * len(members)).astype(int)
+    return np.split(members, cuts)
+
+
+def local_test_split(labels: np.ndarray, proportions: dict[int, np.ndarray], num_clients: int,
+                     rng: np.random.Generator) -> list[np.ndarray]:
+    """The reference's Dirichlet local test sets: each class's test images split over the clients with
+    the proportions that class's training images were split with (disjoint; they sum to the test set)."""
+    shards: list[list[int]] = [[] for _ in range(num_clients)]
+    for label, props in sorted(proportions.items()):
+        members = rng.permutation(np.flatnonzero(labels == label))
+        for client, part in enumerate(split_by_proportions(members, props)):
             shards[client].extend(part.tolist())
     return [np.sort(np.asarray(s, dtype=np.int64)) for s in shards]
 
@@ -106,11 +132,16 @@ def partition_dataset(dataset: ClassificationDataset, cfg: DataConfig, num_clien
     rng = np.random.default_rng([seed, 1])
     train_labels = dataset.train.labels
     in_base = np.flatnonzero(np.isin(train_labels, base))
+    local_tests = None
     if cfg.partition == "pathological":
-        chunks = pathological_classes(base, num_clients, seed)
+        shuffle_seed = seed if cfg.partition_seed is None else cfg.partition_seed
+        chunks = pathological_classes(base, num_clients, shuffle_seed)
         shards = [np.flatnonzero(np.isin(train_labels, c)) for c in chunks]
     else:
-        shards = dirichlet_indices(train_labels, in_base, num_clients, cfg.beta, rng)
+        shards, proportions = dirichlet_split(train_labels, in_base, num_clients, cfg.beta, rng)
+        if cfg.local_test == "split":  # own stream: the training shards do not depend on this option
+            local_tests = local_test_split(dataset.test.labels, proportions, num_clients,
+                                           np.random.default_rng([seed, 3]))
     clients = []
     for cid, shard in enumerate(shards):
         train = few_shot(shard, train_labels, cfg.shots, rng)
@@ -118,7 +149,8 @@ def partition_dataset(dataset: ClassificationDataset, cfg: DataConfig, num_clien
         if not own:
             raise DataError(f"client {cid} received no training images: raise data.beta or lower "
                             f"federation.num_clients")
-        clients.append(ClientPartition(cid, train, own, EvalSet(_test_of(dataset, own), base)))
+        local = local_tests[cid] if local_tests is not None else _test_of(dataset, own)
+        clients.append(ClientPartition(cid, train, own, EvalSet(local, base)))
     novel_set = EvalSet(_test_of(dataset, novel), novel) if novel else None
     return FederatedPartition(list(dataset.classnames), base, clients, EvalSet(_test_of(dataset, base), base),
                               novel_set)

@@ -1,6 +1,7 @@
 """The runtime interface: where and how client work runs (in-process, Ray actors, ...)."""
 from __future__ import annotations
 
+import sys
 from abc import ABC, abstractmethod
 
 from fedpgp_ray.algorithms import Params
@@ -8,6 +9,11 @@ from fedpgp_ray.client import EvalResult, FitResult
 from fedpgp_ray.checkpoint import CheckpointStore
 from fedpgp_ray.server import Server
 from fedpgp_ray.strategy import ClientFailure, FedAvgStrategy
+
+
+def status(message: str) -> None:
+    """A start-up step (Ray, actors, backbone, image features), on stderr beside the progress bar."""
+    print(message, file=sys.stderr, flush=True)
 
 
 class Runtime(ABC):
@@ -34,6 +40,10 @@ class Runtime(ABC):
     def evaluate(self, rnd: int, client_ids: list[int], global_params: Params
                  ) -> tuple[list[EvalResult], list[ClientFailure]]:
         """Evaluate the given clients' classifiers; results sorted by client id."""
+
+    def dataset_manifest(self) -> dict | None:
+        """What the clients loaded (ClientWorker.dataset_manifest), for results.json; None if unknown."""
+        return None
 
     def close(self) -> None:
         """Release workers and resources."""

@@ -20,8 +20,11 @@ Layout (config `runtime.kind: ray`):
   slot, the client it was running is charged one attempt, its other queued clients are re-queued
   for free; a client that fails more than `runtime.max_client_retries` times is dropped from the
   phase and reported as a `ClientFailure` (the strategy counts it as `clients_failed` and
-  enforces `federation.min_reporting_clients`). Actor replacements and retries are added to the
-  round metrics (`actor_restarts`, `client_retries`, `eval_*` for the evaluation phase).
+  enforces `federation.min_reporting_clients`). An actor whose running task exceeds
+  `runtime.task_timeout_s` (default: max(600 s, 10 x the slowest task so far); `task_timeout`) is
+  treated as hung: killed, then handled like a dead one. Actor replacements, retries and timeouts are
+  added to the round metrics (`actor_restarts`, `client_retries`, `tasks_timed_out`, `eval_*` for the
+  evaluation phase).
 
 Ray itself: an already initialised Ray is reused; else `runtime.address` or `RAY_ADDRESS` is
 attached to (never with num_cpus/num_gpus); else a running `ray start` cluster on this machine;
@@ -50,8 +53,9 @@ from fedpgp_ray.algorithms import Params
 from fedpgp_ray.checkpoint import CheckpointStore
 from fedpgp_ray.client import ClientWorker, EvalResult, FitResult
 from fedpgp_ray.config import ConfigError, ExperimentConfig
-from fedpgp_ray.runtime.base import Runtime
+from fedpgp_ray.runtime.base import Runtime, status
 from fedpgp_ray.server import Server
+from fedpgp_ray.storage import StorageError
 from fedpgp_ray.strategy import ClientFailure, FedAvgStrategy
 
 log = logging.getLogger(__name__)
@@ -78,16 +82,36 @@ class FaultPlan:
     exit: (round, client) pairs: the actor process exits (`os._exit(1)`) when it starts that
         client's fit, on the first attempt only.
     fail: clients whose fit raises on every attempt.
+    hang: (round, client) pairs: the actor hangs (sleeps, alive) in that client's fit, on the first
+        attempt only; `runtime.task_timeout_s` ends it.
     """
     kill: set[tuple[int, int]] = field(default_factory=set)
     exit: set[tuple[int, int]] = field(default_factory=set)
     fail: set[int] = field(default_factory=set)
+    hang: set[tuple[int, int]] = field(default_factory=set)
 
     @classmethod
     def from_json(cls, text: str | None) -> "FaultPlan":
         data = json.loads(text) if text else {}
         return cls(kill={tuple(p) for p in data.get("kill", [])}, exit={tuple(p) for p in data.get("exit", [])},
-                   fail=set(data.get("fail", [])))
+                   fail=set(data.get("fail", [])), hang={tuple(p) for p in data.get("hang", [])})
+
+
+MIN_TASK_TIMEOUT_S = 600.0   # automatic task timeout: never below this (first tasks have no measurement yet)
+TASK_TIMEOUT_FACTOR = 10.0   # ... and 10 x the slowest task completed so far in the run
+
+
+def task_timeout(configured: float | None, slowest_task_s: float) -> float:
+    """Seconds a client task may run before its actor is treated as hung (`runtime.task_timeout_s`).
+
+    Automatic (configured None): max(600 s, 10 x the slowest completed task of the run). A fit task is
+    one client's local epochs on cached features (seconds on CPU for the quickstart, minutes for a
+    ViT-B/16 on CPU); 10x the slowest leaves room for stragglers (a loaded node, GC, a slow disk)
+    without waiting forever, and 600 s covers the first tasks, before any has been measured.
+    """
+    if configured is not None:
+        return configured
+    return max(MIN_TASK_TIMEOUT_S, TASK_TIMEOUT_FACTOR * slowest_task_s)
 
 
 def peak_rss_mb() -> float:
@@ -119,7 +143,12 @@ class ClientActor:
     """
 
     def __init__(self, cfg: ExperimentConfig, store: CheckpointStore | None, cache_dir: str | None,
-                 threads: int, gpu_fraction: float) -> None:
+                 threads: int, gpu_fraction: float, marker: str | None = None) -> None:
+        # First prove this node reads the run storage the driver wrote to; if not, build nothing and
+        # let prepare() (the driver's first call) raise the one-line StorageError.
+        self.storage_error = _storage_error(store, marker, "client actor")
+        if self.storage_error is not None:
+            return
         gpu_ids = ray.get_gpu_ids()
         self.fallback = ""
         if not gpu_ids:
@@ -148,12 +177,16 @@ class ClientActor:
         self.threads = torch.get_num_threads()
         self.worker = ClientWorker(cfg, device=device, store=store, cache_dir=cache_dir)
 
-    def prepare(self) -> dict[str, Any]:
-        """Load (or encode) the image features; returns where and how this actor runs."""
-        rows = self.worker.prepare()
+    def prepare(self, client_ids: list[int] | None = None) -> dict[str, Any]:
+        """Load (or encode) the image features of the clients this actor serves (default: all) and of the
+        test set; returns where and how this actor runs, and the dataset manifest."""
+        if self.storage_error is not None:
+            raise self.storage_error
+        rows = self.worker.prepare(client_ids)
         return {"pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(),
                 "device": str(self.worker.device), "gpu_ids": self.gpu_ids, "threads": self.threads,
-                "fallback": self.fallback, "feature_rows": rows}
+                "fallback": self.fallback, "feature_rows": rows, "encoded_images": self.worker.encoded_images,
+                "manifest": self.worker.dataset_manifest()}
 
     def global_params(self) -> Params:
         return self.worker.global_params()
@@ -164,9 +197,15 @@ class ClientActor:
             os._exit(1)  # a crashed worker process, mid-round
         if fault == "fail":
             raise RuntimeError(f"injected failure of client {client_id} (FaultPlan.fail)")
+        if fault == "hang":
+            time.sleep(10**6)  # alive but stuck (a deadlock, a hung filesystem): only a timeout ends it
+        if self.storage_error is not None:
+            raise self.storage_error
         return self.worker.fit(client_id, rnd, global_params)
 
     def evaluate(self, client_id: int, rnd: int, global_params: Params, fault: str | None = None) -> EvalResult:
+        if self.storage_error is not None:
+            raise self.storage_error
         return self.worker.evaluate(client_id, rnd, global_params)
 
     def ping(self, payload: Any = None) -> int:
@@ -193,7 +232,10 @@ class ServerActor:
         self.server: Server | None = None
 
     def start(self, strategy: FedAvgStrategy, initial: Params, store: CheckpointStore | None,
-              resume: bool) -> int:
+              resume: bool, marker: str | None = None) -> int:
+        error = _storage_error(store, marker, "server actor")
+        if error is not None:
+            raise error
         self.server = Server.resume_or_start(strategy, initial, store, resume)
         return self.server.start_round()
 
@@ -205,6 +247,20 @@ class ServerActor:
 
     def cpu_seconds(self) -> float:
         return time.process_time()
+
+
+def _storage_error(store: CheckpointStore | None, marker: str | None, role: str) -> StorageError | None:
+    """None if this process reads the driver's storage marker (or there is nothing to check), else
+    the one-line error naming this node, the path and the fix."""
+    if store is None or marker is None:
+        return None
+    ctx = ray.get_runtime_context()
+    where = f"{role} on node {ray.util.get_node_ip_address()} (node id {ctx.get_node_id()[:12]})"
+    try:
+        store.check_marker(marker, where)
+    except StorageError as err:
+        return err
+    return None
 
 
 RemoteClientActor = ray.remote(max_restarts=0, max_task_retries=0)(ClientActor)
@@ -264,6 +320,7 @@ class _Task:
     slot: int
     generation: int
     seq: int
+    submitted: float = 0.0  # time.monotonic() at submission
 
 
 class RayRuntime(Runtime):
@@ -289,9 +346,13 @@ class RayRuntime(Runtime):
         self._counters: dict[str, dict[str, float]] = {}
         self._seq = 0
         self._fired: set[tuple[int, int]] = set()  # injected kills already done
+        self._slowest_task_s = 0.0  # the slowest client task completed in this run (automatic task timeout)
+        self.marker: str | None = None
         self.owns_ray = self._connect()
         try:
             self._check_output_dir()
+            # Every actor proves at start-up that it reads this marker (shared storage or a URI).
+            self.marker = store.write_marker() if store is not None else None
             self.gpus = self._gpus_per_actor()
             self._place()
             self._start_actors()
@@ -306,9 +367,11 @@ class RayRuntime(Runtime):
             return False
         address = self.rc.address or os.environ.get("RAY_ADDRESS") or None
         if address:
+            status(f"Ray: attaching to the cluster at {address}")
             ray.init(address=address)  # attaching: never pass num_cpus/num_gpus
             return False
         need = math.ceil(self.num_actors * self.rc.num_cpus_per_actor)
+        status(f"Ray: starting a local instance ({max(os.cpu_count() or 1, need)} CPUs; a few seconds)")
         try:
             # Starts a local instance, unless `ray start` left a cluster address on this machine,
             # in which case Ray refuses num_cpus and we attach to that cluster instead.
@@ -321,7 +384,7 @@ class RayRuntime(Runtime):
             return False
 
     def _check_output_dir(self) -> None:
-        path = str(self.store.directory) if self.store is not None else ""
+        path = self.store.directory if self.store is not None else ""
         if "_ray_pkg_" in path or "runtime_resources" in path:
             warnings.warn(f"checkpoints go to {path}, inside Ray's temporary job directory (deleted after the "
                           f"job): set output_dir to an absolute path (--set output_dir=/abs/dir)", RuntimeWarning,
@@ -351,6 +414,7 @@ class RayRuntime(Runtime):
 
     def _place(self) -> None:
         bundle = self._bundle()
+        status(f"Ray: placing {self.num_actors} client actors ({bundle} each)")
         self.pg = placement_group([dict(bundle) for _ in range(self.num_actors)], strategy="PACK")
         if not self.pg.wait(timeout_seconds=self.rc.placement_timeout_s):
             total = {k: v * self.num_actors for k, v in bundle.items()}
@@ -370,17 +434,19 @@ class RayRuntime(Runtime):
                     scheduling_strategy=PlacementGroupSchedulingStrategy(
                         placement_group=self.pg, placement_group_bundle_index=slot))
         return RemoteClientActor.options(**opts).remote(self.cfg, self.store, self.cache_dir, self.threads,
-                                                         self.gpus)
+                                                         self.gpus, self.marker)
 
     def _start_actors(self) -> None:
+        began = time.perf_counter()
+        status(f"Ray: starting {self.num_actors} client actors and the server actor; each client actor loads "
+               f"the backbone and reads (or encodes, once) its clients' image features")
         self.actors = [self._spawn(i) for i in range(self.num_actors)]
         self._spawn_server()
         self.generation = [0] * self.num_actors
         try:
-            # Actor 0 fills the shared feature cache first; the others then only read it, so every
-            # actor holds the very same features (and none encodes the dataset twice).
-            first = ray.get(self.actors[0].prepare.remote())
-            rest = ray.get([a.prepare.remote() for a in self.actors[1:]])
+            # Each actor reads or encodes its own clients' images; actors on one node share the test
+            # set's cache entries, each entry encoded by one of them while the others wait and read it.
+            first, *rest = ray.get([a.prepare.remote(self.clients_of(slot)) for slot, a in enumerate(self.actors)])
         except RayActorError as err:
             raise RuntimeError(f"a client actor failed to start: {err}") from None
         except RayTaskError as err:
@@ -392,11 +458,26 @@ class RayRuntime(Runtime):
                           f"{self.actor_info[fallen[0]]['fallback']}", GpuFallbackWarning, stacklevel=3)
         log.info("ray runtime: %d client actors %s", self.num_actors,
                  [(i["device"], i["gpu_ids"], i["threads"]) for i in self.actor_info])
+        status(f"Ray: {self.num_actors} client actors ready in {time.perf_counter() - began:.1f} s "
+               f"({', '.join(sorted({i['device'] for i in self.actor_info}))})")
 
     # -- Runtime interface ------------------------------------------------------------------------
     def slot_of(self, client_id: int) -> int:
         """Sticky assignment: the actor slot that serves (and remembers) a client."""
         return client_id % self.num_actors
+
+    def clients_of(self, slot: int) -> list[int]:
+        """The clients actor `slot` serves (see slot_of)."""
+        return [c for c in range(self.cfg.federation.num_clients) if self.slot_of(c) == slot]
+
+    def dataset_manifest(self) -> dict[str, Any] | None:
+        """What the actors loaded (actor 0's manifest) and the feature-cache entries every actor used."""
+        if not self.actor_info:
+            return None
+        manifest = dict(self.actor_info[0]["manifest"])
+        keys = {k for info in self.actor_info for k in info["manifest"]["feature_cache"]["entries"]}
+        manifest["feature_cache"] = {**manifest["feature_cache"], "entries": sorted(keys)}
+        return manifest
 
     def initial_global_params(self) -> Params:
         return ray.get(self.actors[0].global_params.remote())
@@ -407,8 +488,17 @@ class RayRuntime(Runtime):
         of a few tensors). If the server actor itself dies the run fails; `--resume` continues it."""
         if self.server_actor is None:
             self._spawn_server()
-        ray.get(self.server_actor.start.remote(strategy, self.initial_global_params(), store, resume))
+        try:
+            ray.get(self.server_actor.start.remote(strategy, self.initial_global_params(), store, resume,
+                                                   self._marker_for(store)))
+        except RayTaskError as err:
+            raise _unwrap(err) from None
         return ServerProxy(self.server_actor, self)
+
+    def _marker_for(self, store: CheckpointStore | None) -> str | None:
+        """The start-up marker, if `store` is the run storage it was written to."""
+        same = store is not None and self.store is not None and store.directory == self.store.directory
+        return self.marker if same else None
 
     def _spawn_server(self) -> None:
         node = ray.get_runtime_context().get_node_id()
@@ -428,7 +518,8 @@ class RayRuntime(Runtime):
         counters = self._counters.get(phase, {})
         prefix = "" if phase == "fit" else "eval_"
         out = {f"{prefix}actor_restarts": counters.get("actor_restarts", 0.0),
-               f"{prefix}client_retries": counters.get("client_retries", 0.0)}
+               f"{prefix}client_retries": counters.get("client_retries", 0.0),
+               f"{prefix}tasks_timed_out": counters.get("tasks_timed_out", 0.0)}
         if phase == "evaluate":
             out["eval_clients_failed"] = counters.get("clients_failed", 0.0)
         return out
@@ -443,7 +534,9 @@ class RayRuntime(Runtime):
         inflight: dict[Any, _Task] = {}
         results: dict[int, Any] = {}
         failures: dict[int, ClientFailure] = {}
-        counters = {"actor_restarts": 0.0, "client_retries": 0.0, "clients_failed": 0.0}
+        counters = {"actor_restarts": 0.0, "client_retries": 0.0, "clients_failed": 0.0, "tasks_timed_out": 0.0}
+        slot_free_at = {s: time.monotonic() for s in range(self.num_actors)}  # when its last task ended
+        starting: dict[Any, tuple[int, float]] = {}  # start-up (prepare) of replacement actors -> (slot, since)
 
         def submit(slot: int) -> None:
             while queues[slot] and sum(t.slot == slot for t in inflight.values()) < PIPELINE_DEPTH:
@@ -451,7 +544,7 @@ class RayRuntime(Runtime):
                 ref = getattr(self.actors[slot], method).remote(cid, rnd, params_ref,
                                                                 self._fault(method, rnd, cid, attempts[cid]))
                 self._seq += 1
-                inflight[ref] = _Task(cid, slot, self.generation[slot], self._seq)
+                inflight[ref] = _Task(cid, slot, self.generation[slot], self._seq, time.monotonic())
                 if method == "fit" and (rnd, cid) in self.faults.kill - self._fired:
                     self._fired.add((rnd, cid))
                     log.warning("fault injection: killing the actor of slot %d while client %d is in flight",
@@ -468,35 +561,79 @@ class RayRuntime(Runtime):
             counters["client_retries"] += 1
             return True
 
+        def lose_actor(slot: int, lost: list[_Task], reason: str, was_running: bool = True) -> None:
+            """The actor of `slot` is gone (died, or killed as hung). Its oldest unfinished task was the
+            one running (an actor runs its tasks one at a time, in order): charge that client (unless
+            the actor never got to run it: `was_running`); re-queue the rest free; a fresh actor takes the slot."""
+            lost = lost + [t for t in inflight.values() if t.slot == slot]
+            for r in [r for r, t in inflight.items() if t.slot == slot]:
+                del inflight[r]
+            lost.sort(key=lambda t: t.seq)
+            keep = [t.client_id for t in lost[1:]]
+            if lost and (not was_running or charge(lost[0], reason)):
+                keep.insert(0, lost[0].client_id)
+            queues[slot].extendleft(reversed(keep))
+            log.warning("round %d: client actor %d %s; replacing it and re-queueing clients %s", rnd, slot, reason, keep)
+            starting[self._replace(slot)] = (slot, time.monotonic())
+            slot_free_at[slot] = math.inf  # its tasks' clocks start once it has started
+            counters["actor_restarts"] += 1
+
+        def running_since(slot: int) -> tuple[_Task, float] | None:
+            """The task the slot's actor is running now, and since when (tasks queue behind it)."""
+            tasks = [t for t in inflight.values() if t.slot == slot]
+            if not tasks:
+                return None
+            oldest = min(tasks, key=lambda t: t.seq)
+            return oldest, max(oldest.submitted, slot_free_at[slot])
+
         for slot in range(self.num_actors):
             submit(slot)
         while inflight:
-            ready, _ = ray.wait(list(inflight), num_returns=1)
+            limit = task_timeout(self.rc.task_timeout_s, self._slowest_task_s)
+            # a replacement actor's start-up (process, backbone, features) is not a client task: it gets
+            # at least the automatic floor, so a loaded node does not make every replacement "hang"
+            startup_limit = max(limit, MIN_TASK_TIMEOUT_S)
+            running = [r for r in map(running_since, range(self.num_actors)) if r is not None]
+            deadlines = [since + limit for _, since in running] + [since + startup_limit for _, since in starting.values()]
+            wait_s = min(deadlines, default=time.monotonic() + 60.0) - time.monotonic()
+            ready, _ = ray.wait([*inflight, *starting], num_returns=1, timeout=min(max(wait_s, 0.0), 60.0))
+            if ready and ready[0] in starting:
+                slot, _ = starting.pop(ready[0])
+                slot_free_at[slot] = time.monotonic()  # started (or died: its tasks will say so)
+                continue
+            if not ready:
+                now = time.monotonic()
+                hung = [(task.slot, f"{method} of client {task.client_id}", limit, True) for task, since in running
+                        if now - since > limit]
+                hung += [(slot, "its start-up", startup_limit, False) for slot, since in starting.values()
+                         if now - since > startup_limit]
+                for slot, what, seconds, was_running in hung:
+                    counters["tasks_timed_out"] += 1
+                    for ref in [r for r, (s, _) in starting.items() if s == slot]:
+                        del starting[ref]
+                    ray.kill(self.actors[slot], no_restart=True)  # hung, not dead: end it
+                    lose_actor(slot, [], f"timed out after {seconds:.0f} s in {what}, round {rnd} "
+                                         f"(runtime.task_timeout_s)", was_running)
+                    submit(slot)
+                continue
             ref = ready[0]
             task = inflight.pop(ref)
             try:
                 results[task.client_id] = ray.get(ref)
+                if task.generation == self.generation[task.slot]:
+                    now = time.monotonic()
+                    self._slowest_task_s = max(self._slowest_task_s, now - max(task.submitted, slot_free_at[task.slot]))
+                    slot_free_at[task.slot] = now
             except RayActorError as err:
                 if task.generation == self.generation[task.slot]:
-                    # The actor died. Its oldest unfinished task was the one running (an actor runs
-                    # its tasks one at a time, in order): charge that client; re-queue the rest free.
-                    lost = [task] + [t for r, t in list(inflight.items()) if t.slot == task.slot]
-                    for r in [r for r, t in inflight.items() if t.slot == task.slot]:
-                        del inflight[r]
-                    lost.sort(key=lambda t: t.seq)
-                    reason = f"actor died during {method} of round {rnd}: {type(err).__name__}"
-                    keep = [t.client_id for t in lost[1:]]
-                    if charge(lost[0], reason):
-                        keep.insert(0, lost[0].client_id)
-                    queues[task.slot].extendleft(reversed(keep))
-                    log.warning("round %d: client actor %d died during %s; replacing it and re-queueing "
-                                "clients %s", rnd, task.slot, method, keep)
-                    self._replace(task.slot)
-                    counters["actor_restarts"] += 1
+                    lose_actor(task.slot, [task], f"died during {method} of round {rnd}: {type(err).__name__}")
                 else:  # a late report from an actor already replaced: run the client again, free
                     queues[task.slot].appendleft(task.client_id)
             except RayError as err:  # the task raised (RayTaskError) or its worker was lost
+                slot_free_at[task.slot] = time.monotonic()
                 cause = _unwrap(err) if isinstance(err, RayTaskError) else err
+                if isinstance(cause, StorageError):  # unshared storage, a lost client state: never retried
+                    raise cause from None
                 if charge(task, f"{method} raised {type(cause).__name__}: {cause}".splitlines()[0]):
                     queues[task.slot].appendleft(task.client_id)
             submit(task.slot)
@@ -510,17 +647,20 @@ class RayRuntime(Runtime):
             return None
         if attempt == 0 and (rnd, client_id) in self.faults.exit:
             return "exit"
+        if attempt == 0 and (rnd, client_id) in self.faults.hang:
+            return "hang"
         return "fail" if client_id in self.faults.fail else None
 
-    def _replace(self, slot: int) -> None:
-        """A fresh actor in the dead one's placement-group bundle; it restores clients from the store."""
+    def _replace(self, slot: int) -> Any:
+        """A fresh actor in the dead one's placement-group bundle; it restores clients from the store.
+        Returns the reference of its start-up (`prepare`), which runs before any client task submitted after it."""
         try:
             ray.kill(self.actors[slot], no_restart=True)
         except Exception:  # already gone
             pass
         self.actors[slot] = self._spawn(slot)
         self.generation[slot] += 1
-        self.actors[slot].prepare.remote()  # runs before any client task submitted after it
+        return self.actors[slot].prepare.remote(self.clients_of(slot))
 
     # -- reporting, shutdown ------------------------------------------------------------------------
     def cpu_seconds(self) -> list[float]:

@@ -1,4 +1,5 @@
-"""FedPGPServerAggregator: FedML's ServerAggregator with our aggregation (sample-weighted mean of sigma).
+"""FedPGPServerAggregator: FedML's ServerAggregator with our aggregation (sample-weighted mean of sigma,
+or DP-FedAvg with `privacy.enabled`: our strategy's `aggregate_params`, noise added here on the server).
 
 `aggregate` is always overridden: FedML's default reaches an operator that only knows its own
 algorithm names. The aggregator keeps the global parameters after every round (`history`) and,
@@ -6,7 +7,9 @@ with `fedpgp_output_dir` set, saves them as <dir>/global_round_<r>.pt (r = 1, 2,
 """
 from __future__ import annotations
 
+import json
 import logging
+import time
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, List, Tuple
@@ -14,9 +17,9 @@ from typing import Any, List, Tuple
 import torch
 from fedml.core import ServerAggregator
 
-from fedpgp_ray.strategy import aggregate_weighted
+from fedpgp_ray.federation import build_strategy
 
-from fedpgp_fedml.config import experiment_config_from_args, get
+from fedpgp_fedml.config import FedMLConfigError, experiment_config_from_args, get
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +37,22 @@ class FedPGPServerAggregator(ServerAggregator):
         out = get(args, "fedpgp_output_dir")
         self.save_dir = Path(str(out)).expanduser() if out else None
         self._pending_round: int | None = None
+        self.strategy = build_strategy(self.cfg)
+        if self.strategy.privacy is not None and get(args, "training_type") == "cross_silo" \
+                and self.cfg.federation.client_fraction < 1:
+            # FedML's cross-silo server picks a fixed number of silos itself: not the Poisson sampling the
+            # accountant assumes, so an epsilon for q < 1 would be wrong.
+            raise FedMLConfigError(f"privacy.enabled in cross-silo needs train_args.client_num_per_round == "
+                                   f"client_num_in_total (q = 1): FedML's server selects "
+                                   f"{self.cfg.federation.client_fraction:g} of the silos by itself, not by "
+                                   f"Poisson sampling, and epsilon would not hold")
+        self.aggregation_metrics: dict[str, float] = {}  # of the last aggregate(): privacy/epsilon under DP
+        # cross-silo: the clients' reports per round (fedpgp_fedml.report.ServerReport shows them)
+        self.server_report: Any = None
+        self._evals: dict[int, dict[int, dict[str, float]]] = {}
+        self._fits: dict[int, dict[int, dict[str, float]]] = {}
+        self._aggregated: dict[int, dict[str, float]] = {}
+        self._last_emit = time.perf_counter()
 
     def get_model_params(self) -> "OrderedDict[str, torch.Tensor]":
         return OrderedDict((k, v.detach().cpu().clone()) for k, v in self.params.items())
@@ -56,16 +75,64 @@ class FedPGPServerAggregator(ServerAggregator):
             torch.save(dict(self.history[rnd]), self.save_dir / f"global_round_{rnd}.pt")
 
     def aggregate(self, raw_client_model_or_grad_list: List[Tuple[float, Any]]) -> "OrderedDict[str, torch.Tensor]":
-        """sigma_global = sum_i n_i sigma_i / sum_i n_i over the reporting clients (our aggregate_weighted)."""
+        """sigma_global = sum_i n_i sigma_i / sum_i n_i over the reporting clients; under DP, DP-FedAvg
+        (clipped unweighted sum + Gaussian noise over q * N; a round without uploads is noise only)."""
         uploads = [({k: torch.as_tensor(p[k]).detach().cpu() for k in self.global_keys}, int(n))
                    for n, p in raw_client_model_or_grad_list]
-        if not uploads:
+        if not uploads and self.strategy.privacy is None:
             raise RuntimeError("FedPGPServerAggregator.aggregate: no client uploads this round")
-        new = aggregate_weighted(uploads)
         self._pending_round = int(getattr(self.args, "round_idx", 0) or 0) + 1
+        new, self.aggregation_metrics = self.strategy.aggregate_params(self._pending_round, dict(self.params), uploads)
+        self._aggregated[self._pending_round] = {"clients_reported": float(len(uploads)), **self.aggregation_metrics}
+        if self.server_report is not None:  # cross-silo: the previous round is complete now
+            self._emit(self._pending_round - 1)
         log.info("round %d: aggregated %d uploads (%d samples)", self._pending_round, len(uploads),
                  sum(n for _, n in uploads))
         return OrderedDict((k, new[k].to(self.params[k].dtype)) for k in self.global_keys)
+
+    # -- cross-silo reporting -------------------------------------------------------------------------
+    def receive_report(self, text: str) -> None:
+        """A client's report (FedPGPClientTrainer.pop_report), arriving with its upload or, after the
+        last round, with its FINISHED status; the last client's final report ends the run's report."""
+        from fedpgp_fedml.report import ServerReport
+
+        if self.server_report is None:
+            self.server_report = ServerReport(self.cfg, f"FedML cross-silo ({get(self.args, 'backend')}, "
+                                                        f"{get(self.args, 'client_num_per_round')} silos), "
+                                                        f"{self.cfg.algorithm.name}")
+        report = json.loads(text)
+        cid = int(report["client"])
+        if report.get("eval") is not None:
+            self._evals.setdefault(int(report["eval_round"]), {})[cid] = report["eval"]
+        if "fit_round" in report:
+            self._fits.setdefault(int(report["fit_round"]), {})[cid] = report["fit"]
+            return
+        last = self.cfg.train.rounds
+        complete = len(self._evals.get(last, {})) >= int(get(self.args, "client_num_per_round"))
+        if int(report["eval_round"]) == last and complete and last not in self.metrics:
+            self._emit(last)
+            self.server_report.finish()
+
+    def _emit(self, rnd: int) -> None:
+        """Round `rnd`'s aggregate metrics (as our strategy computes them) to the server's report."""
+        from fedpgp_ray.federation import RoundReport
+        from fedpgp_ray.strategy import summarize_accuracy
+
+        evals, fits = self._evals.get(rnd, {}), self._fits.get(rnd, {})
+        metrics: dict[str, float] = dict(self._aggregated.get(rnd, {}))
+        if rnd > 0:
+            metrics["clients_sampled"] = float(len(fits))
+            for key in sorted({k for m in fits.values() for k in m}):
+                values = [m[key] for m in fits.values() if key in m]
+                metrics[f"train_{key}"] = float(sum(values) / len(values))
+        if evals:
+            metrics.update(summarize_accuracy(evals))
+        now = time.perf_counter()
+        metrics["round_seconds"], self._last_emit = now - self._last_emit, now
+        clients = {cid: {**{f"train_{k}": v for k, v in fits.get(cid, {}).items()}, **evals.get(cid, {})}
+                   for cid in sorted({*evals, *fits})}
+        self.metrics[rnd] = metrics
+        self.server_report.on_round(RoundReport(rnd, metrics, clients), self.history.get(rnd, self.params))
 
     def test(self, test_data: Any, device: Any, args: Any) -> dict[str, float]:
         """Server-side metrics: the latest round's averaged client metrics (personal prompts live on the

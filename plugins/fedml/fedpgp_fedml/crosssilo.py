@@ -94,12 +94,13 @@ def wait_for_port(host: str, port: int, timeout: float, alive: Any = None) -> bo
 
 def launch_loopback(config: str | os.PathLike, num_clients: int, log_dir: str | os.PathLike,
                     timeout: float = 600.0, python: str = sys.executable,
-                    env: dict[str, str] | None = None) -> list[int]:
+                    env: dict[str, str] | None = None, server_stdout: Any = None) -> list[int]:
     """Run server + `num_clients` clients of the YAML `config` as local processes; returns exit codes.
 
     All processes start at once (imports overlap); each client waits for the server's port before it
     announces itself (FedML's GRPC clients do that only once). Every process is killed at `timeout`.
-    Logs go to <log_dir>/rank<r>.log.
+    Logs go to <log_dir>/rank<r>.log, except the server's stdout (its per-round table and final
+    results), which goes to `server_stdout` (default: this process's stdout).
     """
     log_dir = Path(log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -111,7 +112,8 @@ def launch_loopback(config: str | os.PathLike, num_clients: int, log_dir: str | 
         log = open(log_dir / f"rank{rank}.log", "w")
         logs.append(log)
         procs.append(subprocess.Popen([python, "-m", "fedpgp_fedml.crosssilo", "--cf", str(config),
-                                       "--rank", str(rank)], stdout=log, stderr=subprocess.STDOUT,
+                                       "--rank", str(rank)], stdout=server_stdout if rank == 0 else log,
+                                      stderr=log if rank == 0 else subprocess.STDOUT,
                                       env={**os.environ, **(env or {})}))
 
     try:

@@ -11,8 +11,10 @@ delegating everything else to FedML unchanged:
 * `FedMLCrossSiloServer.__init__` / `FedMLCrossSiloClient.__init__` (`training_type: cross_silo`):
   a registered name runs FedML's FedAvg message flow with FedPGPServerAggregator /
   FedPGPClientTrainer (built if not given); FedML calls every hook of both. For the duration of
-  such a run, the GRPC backend's message loop blocks on its queue instead of busy-waiting
-  (`_blocking_message_loop`; `fedpgp_grpc_busy_wait: true` keeps FedML's loop).
+  such a run the GRPC backend sends and reads messages in our wire format (`fedpgp_fedml.wire`:
+  `torch.load(weights_only=True)`, never FedML's `pickle.loads` of what reaches the port), its
+  message loop blocks on its queue instead of busy-waiting (`_blocking_message_loop`), and a rank
+  missing from the ipconfig CSV listens on 127.0.0.1 (FedML: 0.0.0.0, every interface).
 * `SimulatorMPI.__init__` (`backend: MPI`): a registered name fails with a clear message (MPI
   simulation hard-codes FedAvg aggregation).
 
@@ -136,18 +138,23 @@ def _blocking_message_loop(self) -> None:
     keeps one core per process at 100% for the whole run; on a small machine the silos then train
     several times slower. This version blocks on the queue; message handling is otherwise the same.
     """
-    import pickle
     import queue
 
     from fedml.core.distributed.communication.grpc import grpc_comm_manager as gcm
 
+    from fedpgp_fedml.wire import WireError, decode
+
     while self.is_running:
         try:
-            msg_pkl = self.grpc_servicer.message_q.get(timeout=0.05)
+            data = self.grpc_servicer.message_q.get(timeout=0.05)
         except queue.Empty:
             continue
         with gcm.lock:
-            msg = pickle.loads(msg_pkl)
+            try:
+                msg = decode(data)
+            except WireError as err:
+                log.warning("%s", err)
+                continue
             sender_id = int(msg.get_sender_id())
             if sender_id not in self.grpc_mappings:
                 params = msg.get_params()
@@ -160,6 +167,43 @@ def _blocking_message_loop(self) -> None:
                 observer.receive_message(msg.get_type(), msg)
 
 
+def _safe_send_message(self, msg: Any) -> None:
+    """FedML's GRPCCommManager.send_message with our wire format instead of `pickle.dumps`."""
+    import grpc
+    from fedml.core.distributed.communication.grpc import grpc_comm_manager_pb2, grpc_comm_manager_pb2_grpc
+    from fedml.core.distributed.communication.grpc.grpc_comm_manager import GRPCCommManager
+
+    from fedpgp_fedml.wire import encode
+
+    own = self.grpc_mappings[self.client_id]
+    msg.add_params(GRPCCommManager.MSG_ARG_KEY_SENDER_RANK, self.client_rank)
+    msg.add_params(GRPCCommManager.MSG_ARG_KEY_SENDER_IP, own.ingress_ip or own.grpc_server_ip)
+    msg.add_params(GRPCCommManager.MSG_ARG_KEY_SENDER_PORT, own.grpc_server_port)
+    receiver = self.grpc_mappings[int(msg.get_receiver_id())]
+    channel = grpc.insecure_channel(f"{receiver.ingress_ip or receiver.grpc_server_ip}:{receiver.grpc_server_port}",
+                                    options=self.opts)
+    try:
+        request = grpc_comm_manager_pb2.CommRequest(client_id=self.client_id, message=encode(msg))
+        grpc_comm_manager_pb2_grpc.gRPCCommManagerStub(channel).sendMessage(request)
+    finally:
+        channel.close()
+
+
+def _loopback_mappings(original):
+    """FedML's _init_grpc_mappings; a rank missing from the CSV listens on 127.0.0.1, not 0.0.0.0."""
+    @functools.wraps(original)
+    def _init_grpc_mappings(self):
+        from fedml.core.distributed.communication.constants import CommunicationConstants
+        from fedml.core.distributed.communication.grpc.grpc_comm_manager import GRPCMapping
+
+        original(self)
+        if self.client_id not in self.grpc_mappings:
+            self.grpc_mappings[self.client_id] = GRPCMapping(
+                eid=self.client_id, rank=self.client_id, grpc_server_ip="127.0.0.1",
+                grpc_server_port=CommunicationConstants.GRPC_BASE_PORT + self.client_rank, ingress_ip=None)
+    return _init_grpc_mappings
+
+
 def _graceful_stop(self) -> None:
     """FedML's stop_receive_message with a grace period: FedML stops its GRPC server with grace None,
     which cancels RPCs still in flight; a silo finishing right after the last model sync can thereby
@@ -170,16 +214,21 @@ def _graceful_stop(self) -> None:
 
 @contextlib.contextmanager
 def _quiet_grpc(args: Any) -> Iterator[None]:
-    """For the duration of one of our cross-silo runs, the GRPC backend waits without spinning and
-    stops gracefully (FedML's loop and stop come back afterwards)."""
-    if getattr(args, "backend", None) != "GRPC" or getattr(args, "fedpgp_grpc_busy_wait", False):
+    """For the duration of one of our cross-silo runs (FedML runs the whole protocol inside the
+    server's and client's constructors), the GRPC backend uses our wire format, listens on loopback
+    unless the ipconfig CSV names the rank's address, waits without spinning and stops gracefully
+    (FedML's methods come back afterwards)."""
+    if getattr(args, "backend", None) != "GRPC":
         yield
         return
     from fedml.core.distributed.communication.grpc.grpc_comm_manager import GRPCCommManager
     originals = {name: GRPCCommManager.__dict__[name] for name in ("message_handling_subroutine",
-                                                                   "stop_receive_message")}
+                                                                   "stop_receive_message", "send_message",
+                                                                   "_init_grpc_mappings")}
     GRPCCommManager.message_handling_subroutine = _blocking_message_loop
     GRPCCommManager.stop_receive_message = _graceful_stop
+    GRPCCommManager.send_message = _safe_send_message
+    GRPCCommManager._init_grpc_mappings = _loopback_mappings(originals["_init_grpc_mappings"])
     try:
         yield
     finally:
@@ -223,6 +272,75 @@ def _client_init(original):
     return __init__
 
 
+# Cross-silo: the server prints and records the run, but personal prompts (and so the evaluation)
+# live on the clients: each client's report rides as one extra message parameter (a JSON string)
+# on its model upload and on its final FINISHED status.
+REPORT_KEY = "fedpgp_report"
+
+
+def _our_trainer(manager: Any) -> Any:
+    from fedpgp_fedml.trainer import FedPGPClientTrainer
+
+    adapter = getattr(manager, "trainer_dist_adapter", None)
+    trainer = getattr(getattr(adapter, "trainer", None), "trainer", None)
+    return trainer if isinstance(trainer, FedPGPClientTrainer) else None
+
+
+def _our_aggregator(manager: Any) -> Any:
+    from fedpgp_fedml.aggregator import FedPGPServerAggregator
+
+    aggregator = getattr(getattr(manager, "aggregator", None), "aggregator", None)
+    return aggregator if isinstance(aggregator, FedPGPServerAggregator) else None
+
+
+def _send_with_report(manager: Any, report: str | None, send: Callable[[], None]) -> None:
+    """Run `send` with manager.send_message adding REPORT_KEY to the message it sends."""
+    if report is None:
+        send()
+        return
+    plain = manager.send_message
+
+    def send_message(message):
+        message.add_params(REPORT_KEY, report)
+        plain(message)
+
+    manager.send_message = send_message
+    try:
+        send()
+    finally:
+        del manager.send_message
+
+
+def _client_upload(original):
+    @functools.wraps(original)
+    def send_model_to_server(self, receive_id, weights, local_sample_num):
+        trainer = _our_trainer(self)
+        report = trainer.pop_report() if trainer is not None else None
+        _send_with_report(self, report, lambda: original(self, receive_id, weights, local_sample_num))
+    return send_model_to_server
+
+
+def _client_status(original):
+    @functools.wraps(original)
+    def send_client_status(self, receive_id, status="ONLINE"):
+        trainer = _our_trainer(self)
+        finished = status == getattr(type(self), "RUN_FINISHED_STATUS_FLAG", "FINISHED")
+        report = trainer.pop_report(final=True) if trainer is not None and finished else None
+        _send_with_report(self, report, lambda: original(self, receive_id, status))
+    return send_client_status
+
+
+def _server_receive(original):
+    @functools.wraps(original)
+    def handler(self, msg_params):
+        aggregator = _our_aggregator(self)
+        report = msg_params.get(REPORT_KEY)
+        if aggregator is not None and report:
+            aggregator.receive_report(report)
+        return original(self, msg_params)
+    return handler
+
+
 def _trace(original):
     def log_runner_result():
         with home_redirect(fedml_home()):
@@ -241,6 +359,13 @@ def _install() -> None:
     _patch("cross_silo_server", server_mod.FedMLCrossSiloServer, "__init__", _server_init)
     _patch("cross_silo_client", client_mod.FedMLCrossSiloClient, "__init__", _client_init)
     _patch("trace", runner_mod.FedMLRunner, "log_runner_result", _trace)
+    from fedml.cross_silo.client.fedml_client_master_manager import ClientMasterManager
+    from fedml.cross_silo.server.fedml_server_manager import FedMLServerManager
+
+    _patch("client_upload", ClientMasterManager, "send_model_to_server", _client_upload)
+    _patch("client_status", ClientMasterManager, "send_client_status", _client_status)
+    _patch("server_upload", FedMLServerManager, "handle_message_receive_model_from_client", _server_receive)
+    _patch("server_status", FedMLServerManager, "handle_message_client_status_update", _server_receive)
 
 
 def _uninstall() -> None:

@@ -29,7 +29,7 @@ import numpy as np
 
 from fedpgp_ray.algorithms import Params
 from fedpgp_ray.config import config_to_dict
-from fedpgp_ray.federation import RoundReport, build_strategy, num_rounds, results_document, run_federation
+from fedpgp_ray.federation import RoundReport, build_strategy, results_document, run_federation
 from fedpgp_ray.runtime import build_runtime
 from fedpgp_ray.strategy import summarize_accuracy
 
@@ -37,6 +37,7 @@ from fedpgp_fedml.aggregator import FedPGPServerAggregator
 from fedpgp_fedml.config import FedMLConfigError, experiment_config_from_args
 from fedpgp_fedml.data import FedPGPDatasetList, fedml_dataset
 from fedpgp_fedml.model import GlobalPromptModel
+from fedpgp_fedml.report import ServerReport
 from fedpgp_fedml.trainer import FedPGPClientTrainer, feature_cache_dir
 
 log = logging.getLogger(__name__)
@@ -91,11 +92,15 @@ class FedPGPSimulator:
 
     def run(self) -> dict[str, Any]:
         began = time.perf_counter()
+        # the server side's table, results files and MLflow run (fedpgp_fedml.report)
+        self.report = ServerReport(self.cfg, f"FedML simulation (sp, fedpgp_runtime: {self.cfg.runtime.kind}), "
+                                             f"{self.cfg.algorithm.name}")
         if self.cfg.runtime.kind == "local":
             self._run_local()
             self.results = results_document(self.cfg, self.history, time.perf_counter() - began)
         else:
             self.results = self._run_runtime()
+        self.report.finish(self.results)
         log.info("FedPGP finished: %s", self.results["final"])
         return self.results
 
@@ -105,9 +110,9 @@ class FedPGPSimulator:
         _, _, _, _, local_num, train_local, test_local, _ = self.dataset
         strategy = build_strategy(self.cfg)
         global_params = agg.get_model_params()
-        for rnd in range(0, num_rounds(self.cfg) + 1):
+        for rnd in range(0, strategy.num_rounds + 1):  # strategy: a privacy budget may cut rounds
             tick = time.perf_counter()
-            args.round_idx = max(rnd - 1, 0)
+            args.round_idx = rnd - 1  # FedML's 0-based index of the training round; -1: round 0, no training
             metrics: dict[str, float] = {}
             clients: dict[int, dict[str, float]] = {}
             if rnd > 0:
@@ -128,7 +133,8 @@ class FedPGPSimulator:
                 aggregated = agg.on_after_aggregation(aggregated)
                 agg.set_model_params(aggregated)
                 global_params = agg.get_model_params()
-                metrics.update(clients_sampled=float(len(sampled)), clients_reported=float(len(uploads)))
+                metrics.update(clients_sampled=float(len(sampled)), clients_reported=float(len(uploads)),
+                               **getattr(agg, "aggregation_metrics", {}))
                 for key in sorted({k for m in train_metrics for k in m}):
                     metrics[f"train_{key}"] = float(np.mean([m[key] for m in train_metrics if key in m]))
             eval_ids = strategy.configure_evaluate(rnd)
@@ -145,13 +151,14 @@ class FedPGPSimulator:
             if isinstance(agg, FedPGPServerAggregator):
                 agg.record(rnd, global_params, metrics)
             self.history.append(RoundReport(rnd, metrics, clients))
+            self.report.on_round(self.history[-1], global_params)
             log.info("round %d: %s", rnd, {k: round(v, 3) for k, v in metrics.items()})
 
     # -- fedpgp_runtime: ray (or any runtime of ours) ---------------------------------------------------
     def _run_runtime(self) -> dict[str, Any]:
         mirror = _AggregatorMirror(self.aggregator)
         with build_runtime(self.cfg, None, feature_cache_dir(self.args)) as runtime:
-            results = run_federation(self.cfg, runtime, None, [mirror])
+            results = run_federation(self.cfg, runtime, None, [mirror, self.report])
         self.history = [RoundReport(r["round"], r["metrics"], {int(c): m for c, m in r["clients"].items()})
                         for r in results["rounds"]]
         return results

@@ -6,6 +6,7 @@ trainer can serve many clients (FedML's sp loop) or one silo (cross-silo).
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections import OrderedDict
@@ -74,6 +75,8 @@ class FedPGPClientTrainer(ClientTrainer):
                     self._client_of[id(value)] = int(cid)
         self.last_fit: FitResult | None = None
         self.last_eval: dict[str, float] = {}
+        self.report: dict[str, Any] | None = None  # cross-silo: what the next message to the server carries
+        self.last_round: int | None = None          # cross-silo: the last round this silo trained
 
     # -- the worker: built on first use (FedML constructs trainers before it hands them data) -----------
     @property
@@ -120,6 +123,8 @@ class FedPGPClientTrainer(ClientTrainer):
 
     def train(self, train_data: Any, device: Any, args: Any) -> dict[str, float]:
         cid, rnd = self.client_id(train_data), self.round_of(args)
+        if self.cross_silo:  # the global just received is round rnd - 1's result: evaluate it first
+            self.report = {"client": cid, "eval_round": rnd - 1, "eval": self._evaluate_if_due(cid, rnd - 1)}
         result = self.worker.fit(cid, rnd, dict(self._global))
         self._upload = OrderedDict((k, result.params[k]) for k in self.global_keys)
         self.last_fit = result
@@ -127,7 +132,37 @@ class FedPGPClientTrainer(ClientTrainer):
             log.warning("client %d: FedML weights it by %s samples, it trained on %d", cid, self.local_sample_number,
                         result.num_examples)
         log.info("round %d client %d: %s", rnd, cid, {k: round(v, 4) for k, v in result.metrics.items()})
+        if self.cross_silo:
+            self.report.update(fit_round=rnd, fit=dict(result.metrics), num_examples=result.num_examples)
+            self.last_round = rnd
         return result.metrics
+
+    # -- cross-silo: the server's table needs the clients' evaluations (personal prompts stay here) -----
+    @property
+    def cross_silo(self) -> bool:
+        return get(self.args, "training_type") == "cross_silo"
+
+    def _evaluate_if_due(self, cid: int, rnd: int) -> dict[str, float] | None:
+        """This client's Local / Base / Novel for round `rnd` when our schedule evaluates that round."""
+        if rnd % self.cfg.evaluation.every and rnd != self.cfg.train.rounds:
+            return None
+        self.last_eval = self.worker.evaluate(cid, rnd, dict(self._global)).metrics
+        log.info("round %d client %d eval: %s", rnd, cid, self.last_eval)
+        return dict(self.last_eval)
+
+    def pop_report(self, final: bool = False) -> str | None:
+        """JSON for the server (fedpgp_fedml.registry sends it with the upload, or with the FINISHED
+        status): the evaluation of the previous round's global and this round's training metrics;
+        final=True evaluates the last global, which FedML sends after the last round."""
+        if final:
+            if self.last_round is None:
+                return None
+            cid = self.client_id()
+            self.report = {"client": cid, "eval_round": self.last_round,
+                           "eval": self._evaluate_if_due(cid, self.last_round)}
+            self.last_round = None  # FedML may send FINISHED twice: report once
+        report, self.report = self.report, None
+        return json.dumps(report) if report else None
 
     def test(self, test_data: Any, device: Any, args: Any) -> dict[str, float]:
         """Local / Base / Novel accuracy (%) of this client's personalised classifier (global + its U, V)."""

@@ -1,0 +1,239 @@
+"""A run directory (`output_dir`) belongs to one run.
+
+Opening a run directory, before any work:
+
+1. it must be writable (a probe file is written and removed), else `RunDirError`;
+2. a lock file (`filelock`, held for the whole run) makes a second run into the same directory
+   refuse at once (local and shared paths; object stores have no lock: see `RunDir._lock`);
+3. a new run into a directory that holds another run refuses, unless `overwrite` (the old run's
+   files are removed) or `resume`;
+4. a resume request is compared with the saved config: keys that change state shapes or
+   semantics are refused in one line listing every difference; the keys in `RESUME_SAFE` may
+   change (logged);
+5. only then are `config.yaml` and `run.json` (the run id) written.
+
+So a refused request leaves the directory exactly as it was. The directory may be a path or a
+URI: files go through the run storage (`fedpgp_ray.storage.RunStorage`).
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any
+
+import yaml
+from filelock import FileLock, Timeout
+
+from fedpgp_ray.config import ConfigError, ExperimentConfig, config_from_dict, config_to_dict, flatten
+from fedpgp_ray.storage import RunStorage, StorageError
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.yaml"
+RECORD_FILE = "run.json"        # {"run_id", "created", "algorithm"}: who owns the directory
+LOCK_FILE = ".fedpgp-run.lock"  # held (flock) by the process running in the directory
+# Files that mark a directory as holding a run (a record-less one was written by an older version).
+RUN_MARKERS = (RECORD_FILE, CONFIG_FILE, "results.json", "checkpoints")
+# Keys a resume may change: how far and how the run goes on, not what it computes. Every other key
+# (seed, model, data, partition, algorithm and its shapes, training and federation settings) would
+# mix two experiments in one run, or not fit the saved state.
+RESUME_SAFE = ("train.rounds", "evaluation.", "tracking.", "runtime.", "output_dir")
+
+
+class RunDirError(ConfigError):
+    """The run directory cannot be used for this request (not writable, busy, another run's)."""
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a text file via temp file + rename: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def check_writable(directory: Path) -> None:
+    """Create `directory` if needed and prove a file can be written there (RunDirError otherwise)."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=directory, prefix=".write-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise RunDirError(f"output_dir {directory} is not writable ({err.strerror or err}): choose a writable "
+                          f"directory with --set output_dir=/path or fix its permissions") from None
+
+
+def check_storage_writable(storage: RunStorage) -> None:
+    """check_writable for any run storage: a local directory, or a probe object written and deleted."""
+    local = storage.local_path()
+    if local is not None:
+        return check_writable(local)
+    probe = f".write-probe-{uuid.uuid4().hex[:12]}"
+    try:
+        storage.write_bytes(probe, b"")
+        storage.delete(probe)
+    except StorageError as err:
+        raise RunDirError(f"output_dir {storage.display()} is not writable ({err})") from None
+
+
+def resume_differences(saved: ExperimentConfig, requested: ExperimentConfig) -> tuple[list[str], list[str]]:
+    """(refused, allowed): `key: old -> new` for every key whose value differs."""
+    old, new = flatten(config_to_dict(saved)), flatten(config_to_dict(requested))
+    refused, allowed = [], []
+    for key in sorted(set(old) | set(new)):
+        if old.get(key) != new.get(key):
+            line = f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
+            (allowed if key.startswith(RESUME_SAFE) else refused).append(line)
+    return refused, allowed
+
+
+def holds_run(storage: RunStorage) -> bool:
+    return any(storage.exists(name) for name in RUN_MARKERS)
+
+
+def read_record(storage: RunStorage) -> dict[str, Any]:
+    try:
+        return json.loads(storage.read_text(RECORD_FILE))
+    except (OSError, ValueError, StorageError):
+        return {}
+
+
+class RunDir:
+    """The run directory of one run, locked while open (`with RunDir.open(...) as rundir:`).
+
+    run_id: this run's id (a resume keeps the saved one). changed: the safe keys a resume changed.
+    """
+
+    def __init__(self, storage: RunStorage, lock: FileLock | None, run_id: str, changed: list[str]) -> None:
+        self.storage = storage
+        self.lock = lock
+        self.run_id = run_id
+        self.changed = changed
+
+    @classmethod
+    def open(cls, cfg: ExperimentConfig, resume: bool = False, overwrite: bool = False) -> "RunDir":
+        """Check, lock and claim cfg.output_dir for this run; RunDirError/ConfigError (one line) if not."""
+        if resume and overwrite:
+            raise RunDirError("--resume and --overwrite exclude each other: resume continues the run, "
+                              "overwrite deletes it")
+        storage = RunStorage(cfg.output_dir)
+        check_storage_writable(storage)
+        lock = cls._lock(storage)
+        try:
+            run_id, changed = cls._claim(storage, cfg, resume, overwrite)
+        except BaseException:
+            if lock is not None:
+                lock.release()
+            raise
+        return cls(storage, lock, run_id, changed)
+
+    @staticmethod
+    def _lock(storage: RunStorage) -> FileLock | None:
+        """An exclusive lock on the directory, or RunDirError at once (no waiting).
+
+        flock-based: released by the kernel when the process dies, so a crashed run never leaves a
+        stale lock. On network filesystems it holds where the filesystem supports flock (NFSv4 and
+        most cluster filesystems do). Object stores (s3://, gs://) have no lock: None, logged.
+        """
+        directory = storage.local_path()
+        if directory is None:
+            log.info("run storage %s is an object store: nothing stops a second run writing into it at once",
+                     storage.display())
+            return None
+        lock = FileLock(str(directory / LOCK_FILE), timeout=0)
+        try:
+            lock.acquire()
+        except Timeout:
+            raise RunDirError(f"another run is writing into {directory} (it holds {LOCK_FILE}): wait for it to "
+                              f"finish, or choose another output_dir") from None
+        return lock
+
+    @staticmethod
+    def _claim(storage: RunStorage, cfg: ExperimentConfig, resume: bool, overwrite: bool) -> tuple[str, list[str]]:
+        record = read_record(storage)
+        directory = storage.display()
+        changed: list[str] = []
+        if resume:
+            if not storage.exists(CONFIG_FILE):
+                raise RunDirError(f"--resume {directory}: no {CONFIG_FILE} there; pass the output_dir of an "
+                                  f"earlier run")
+            try:
+                saved = config_from_dict(yaml.safe_load(storage.read_text(CONFIG_FILE)),
+                                         [f"output_dir={cfg.output_dir}"])
+            except (ConfigError, yaml.YAMLError, UnicodeDecodeError) as err:
+                raise RunDirError(f"--resume {directory}: the saved {CONFIG_FILE} cannot be read "
+                                  f"({str(err).splitlines()[0]}): the run cannot be resumed") from None
+            refused, changed = resume_differences(saved, cfg)
+            if refused:
+                raise RunDirError(f"--resume {directory} cannot change {'; '.join(refused)} (the saved run "
+                                  f"used the old values): resume without those changes, or start a new run "
+                                  f"in another output_dir")
+            for line in changed:
+                log.warning("resume of %s changes %s", directory, line)
+            run_id = record.get("run_id") or uuid.uuid4().hex
+        else:
+            if holds_run(storage):
+                if not overwrite:
+                    who = f"run {record['run_id']}" if record.get("run_id") else "an earlier run"
+                    raise RunDirError(f"output_dir {directory} holds {who}: continue it with --resume {directory}, "
+                                      f"replace it with --overwrite, or choose another output_dir")
+                clear(storage)
+            run_id = uuid.uuid4().hex
+        # Validated: from here on the directory is this run's.
+        storage.write_text(CONFIG_FILE, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+        if record.get("run_id") != run_id:
+            storage.write_text(RECORD_FILE, json.dumps(
+                {"run_id": run_id, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+                 "algorithm": cfg.algorithm.name}, indent=2) + "\n")
+        return run_id, changed
+
+    def close(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+    def __enter__(self) -> "RunDir":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def clear(storage: RunStorage) -> None:
+    """`--overwrite`: remove everything in a run directory except the lock this process holds."""
+    local = storage.local_path()
+    if local is not None:
+        for entry in local.iterdir():
+            if entry.name == LOCK_FILE:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+    else:
+        _delete_tree(storage, "")
+    log.warning("--overwrite: removed the earlier run in %s", storage.display())
+
+
+def _delete_tree(storage: RunStorage, prefix: str) -> None:
+    """Delete every object under `prefix` of an object store (a name with entries below is a prefix)."""
+    try:
+        names = storage.list(prefix)
+    except StorageError:  # a file, not a prefix
+        return
+    for name in names:
+        rel = f"{prefix}/{name}" if prefix else name
+        _delete_tree(storage, rel)
+        storage.delete(rel)

@@ -1,0 +1,80 @@
+"""What a FedML run shows and keeps, on the server side only (the sp driver or cross-silo rank 0).
+
+* a table row per round as it ends, labelled as `fedpgp-ray run` labels rounds (round 0 = the
+  initial prompt, before any training; round r = after r rounds of training and aggregation);
+* at the end, the final Local / Base / Novel / HM3 / HM2 table (`fedpgp_ray.run.format_table`);
+* results.json, the CSV / Markdown tables and the figures in the run directory
+  (`fedpgp_output_dir`, our `output_dir`), as `fedpgp-ray run` writes them;
+* an MLflow run (`fedpgp_config.tracking`, on by default; the store rule is ours:
+  `sqlite:///<parent of output_dir>/mlflow.db` unless MLFLOW_TRACKING_URI or tracking.uri say
+  otherwise), logged through our tracker (`fedpgp_ray.tracking`).
+
+Clients never write any of this: in cross-silo they send their evaluation to the server with
+their upload (see `fedpgp_fedml.trainer` and `fedpgp_fedml.registry`).
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from typing import Any
+
+from fedpgp_ray.config import ExperimentConfig
+from fedpgp_ray.federation import RoundReport, results_document
+
+COLUMNS = (("train_loss", "loss", ".3f"), ("local", "Local", ".2f"), ("base", "Base", ".2f"),
+           ("novel", "Novel", ".2f"), ("hm3", "HM3", ".2f"), ("hm2", "HM2", ".2f"),
+           ("round_seconds", "seconds", ".1f"))
+
+
+def _cell(value: Any, fmt: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return format(float(value), fmt)
+
+
+class ServerReport:
+    """A round listener (on_round) plus `finish`: the table, the files and the MLflow run of one run."""
+
+    def __init__(self, cfg: ExperimentConfig, title: str) -> None:
+        from fedpgp_ray.tracking import mlflow_listeners
+
+        self.cfg = cfg
+        self.title = title
+        self.began = time.perf_counter()
+        self.history: list[RoundReport] = []
+        self.trackers = mlflow_listeners(cfg, False)  # TrackingError here: before any training
+        self._header_printed = False
+
+    def _print(self, line: str) -> None:
+        print(line, file=sys.stdout, flush=True)
+
+    def on_round(self, report: RoundReport, global_params: Any) -> None:
+        if not self._header_printed:
+            last = self.cfg.train.rounds
+            self._print(f"{self.title}: {last} rounds; round 0 = before training (the initial prompt)")
+            self._print(f"{'round':>7}" + "".join(f"{label:>9}" for _, label, _ in COLUMNS))
+            self._header_printed = True
+        self.history.append(report)
+        m = report.metrics
+        self._print(f"{report.round:>7}" + "".join(f"{_cell(m.get(key), fmt):>9}" for key, _, fmt in COLUMNS))
+        for tracker in self.trackers:
+            tracker.on_round(report, global_params)
+
+    def finish(self, results: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Write results.json, tables and figures, print the final table, close the MLflow run."""
+        from fedpgp_ray.run import RESULTS_FILE, format_table, write_report
+        from fedpgp_ray.storage import RunStorage
+
+        if results is None:
+            results = results_document(self.cfg, self.history, time.perf_counter() - self.began)
+        storage = RunStorage(self.cfg.output_dir)
+        storage.makedirs()
+        storage.write_text(RESULTS_FILE, json.dumps(results, indent=2))
+        write_report(storage, results)
+        self._print(format_table([results]))
+        self._print(f"results: {storage.display(RESULTS_FILE)}")
+        for tracker in self.trackers:
+            tracker.on_end(results)
+        return results

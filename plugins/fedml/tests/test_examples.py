@@ -1,0 +1,102 @@
+"""The two FedML examples, run as a user runs them: a copy of examples/, its own command, its printed table.
+
+`python run_fedpgp.py` (simulation, sp) and `bash run_cross_silo.sh` (1 server + 2 silos, GRPC on
+127.0.0.1) must print a table per round starting at round 0 (before training) and the final
+Local / Base / Novel / HM3 / HM2, with the shipped tiny CLIP well above chance; write
+results.json, tables and figures into separate folders; and log one MLflow run each, from the
+server only, into one store beside them.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.slow
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+FINAL_ROW = re.compile(r"^fedpgp\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s*$", re.M)
+
+
+@pytest.fixture(scope="module")
+def examples(tmp_path_factory, root) -> Path:
+    """A copy of plugins/fedml/examples (the outputs land in the copy, not in the source tree)."""
+    target = tmp_path_factory.mktemp("examples") / "examples"
+    shutil.copytree(EXAMPLES, target, ignore=shutil.ignore_patterns("outputs"))
+    return target
+
+
+def run_example(examples: Path, command: list[str]) -> str:
+    env = {**os.environ, "PYTHON": sys.executable,
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    proc = subprocess.run(command, cwd=examples, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def round_rows(stdout: str) -> dict[int, list[str]]:
+    """The per-round table: {round: cells} from the lines after the header `round loss Local ...`."""
+    lines = stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.split()[:3] == ["round", "loss", "Local"])
+    rows = {}
+    for line in lines[start + 1:]:
+        cells = line.split()
+        if not cells or not cells[0].isdigit():
+            break
+        rows[int(cells[0])] = cells[1:]
+    return rows
+
+
+def check_example(stdout: str, out: Path, clients: int, config: dict) -> list[float]:
+    rounds = config["train_args"]["comm_round"]
+    data = config["fedpgp_args"]["fedpgp_config"]["data"]["world"]
+    assert "round 0 = before training" in stdout
+    rows = round_rows(stdout)
+    assert sorted(rows) == list(range(rounds + 1)), stdout
+    assert rows[0][0] == "-" and all(rows[r][0] != "-" for r in range(1, rounds + 1))  # no loss before training
+    (final,) = FINAL_ROW.findall(stdout)
+    local, base, novel, hm3, hm2 = map(float, final)
+    # chance: a client's own classes (Local), all base classes, all novel classes
+    n_base = (data["num_classes"] + 1) // 2
+    chance_local, chance_base, chance_novel = 100 / (n_base / clients), 100 / n_base, 100 / (data["num_classes"] - n_base)
+    print(f"\n{out.name}: final Local/Base/Novel/HM3/HM2 = {local}/{base}/{novel}/{hm3}/{hm2} "
+          f"(chance {chance_local:.1f}/{chance_base:.1f}/{chance_novel:.1f})")
+    assert local > 2 * chance_local and base > 4 * chance_base and novel > 4 * chance_novel
+    doc = json.loads((out / "results.json").read_text())
+    assert [round(doc["final"][k], 2) for k in ("local", "base", "novel", "hm3", "hm2")] == [local, base, novel, hm3, hm2]
+    assert [r["round"] for r in doc["rounds"]] == list(range(rounds + 1))
+    assert {"results.csv", "results.md", "rounds.csv", "accuracy.png", "clients.png"} <= {p.name for p in out.iterdir()}
+    assert f"results: {out / 'results.json'}" in stdout and "MLflow: run" in stdout
+    return [local, base, novel]
+
+
+def test_sp_example_prints_results_and_logs_one_run(examples):
+    stdout = run_example(examples, [sys.executable, "run_fedpgp.py"])
+    config = yaml.safe_load((examples / "fedml_config.yaml").read_text())
+    check_example(stdout, examples / "outputs" / "sp", config["train_args"]["client_num_in_total"], config)
+
+
+def test_cross_silo_example_prints_results_on_the_server_and_logs_one_run(examples):
+    stdout = run_example(examples, ["bash", "run_cross_silo.sh"])
+    config = yaml.safe_load((examples / "cross_silo_config.yaml").read_text())
+    assert "exit codes [0, 0, 0]" in stdout
+    check_example(stdout, examples / "outputs" / "cross_silo", config["train_args"]["client_num_in_total"], config)
+
+    # one store beside both folders; each example is one run there (the silos log nothing)
+    from mlflow import MlflowClient
+    client = MlflowClient(f"sqlite:///{examples / 'outputs' / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    names = sorted(r.info.run_name for r in runs)
+    assert names == sorted(n for n in ("fedpgp-sp", "fedpgp-cross_silo")
+                           if (examples / "outputs" / n.split("-", 1)[1]).exists()), names
+    for run in runs:
+        assert run.info.status == "FINISHED"
+        assert {"fedpgp_ray_version", "hostname"} <= set(run.data.tags)
