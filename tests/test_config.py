@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pytest
+import yaml
 
 from fedpgp_ray.config import ConfigError, config_from_dict, load_config
 from fedpgp_ray.run import main
@@ -30,6 +31,14 @@ def test_bool_is_not_an_int_and_int_is_a_float():
     with pytest.raises(ConfigError, match="'train.rounds' must be of type int"):
         config_from_dict({"train": {"rounds": True}})
     assert config_from_dict({"train": {"lr": 1}}).train.lr == 1.0
+
+
+def test_exponent_floats_that_pyyaml_reads_as_strings_are_numbers():
+    assert yaml.safe_load("lr: 2e-3")["lr"] == "2e-3"  # YAML 1.1: no dot, no float
+    assert config_from_dict(yaml.safe_load("train: {lr: 2e-3}")).train.lr == 0.002
+    assert load_config(None, ["train.lr=5E-4"]).train.lr == 0.0005
+    with pytest.raises(ConfigError, match="'train.lr' must be of type float"):
+        config_from_dict({"train": {"lr": "fast"}})
 
 
 def test_quickstart_loads_and_output_dir_is_absolute():
