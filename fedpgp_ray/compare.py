@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from fedpgp_ray.config import ConfigError, ExperimentConfig, config_from_dict, config_to_dict, load_config
+from fedpgp_ray.storage import is_uri
 
 DEFAULT_ALGORITHMS = "clip,local,promptfl,fedprox,fedkgcoop,fedotp,fedpgp"
 ABLATIONS = ("fedpgp:mu=0", "fedpgp:rank=1", "fedpgp:rank=2", "fedpgp:rank=4")
@@ -492,6 +493,10 @@ def main(argv: list[str] | None = None) -> int:
         if base.algorithm.prox_mu > 0 and any(s.name in ("promptfl", "fedkgcoop") for s in specs):
             print(f"note: algorithm.prox_mu={base.algorithm.prox_mu} adds the proximal term to promptfl and "
                   f"fedkgcoop too; to tune FedProx alone write fedprox:prox_mu=X", file=sys.stderr)
+        where = args.output_dir or base.output_dir
+        if is_uri(where):
+            raise ConfigError(f"compare writes its tables locally, so its output dir cannot be the URI {where}: pass a "
+                              f"local --output-dir (single runs, `fedpgp-ray run`, accept URIs)")
         out = Path(args.output_dir).expanduser() if args.output_dir else Path(base.output_dir) / "compare"
         command = "fedpgp-ray compare " + " ".join(shlex.quote(a) for a in argv)
         doc = compare(base, specs, seeds, out, command, progress=not args.no_progress, reuse=args.reuse)

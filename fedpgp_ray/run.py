@@ -16,10 +16,8 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-import yaml
-
 from fedpgp_ray.config import ConfigError, ExperimentConfig, config_from_dict, load_config
-from fedpgp_ray.rundir import CONFIG_FILE, RunDir, check_writable, write_text_atomic
+from fedpgp_ray.rundir import RunDir, check_writable, read_saved_config, write_text_atomic
 from fedpgp_ray.storage import RunStorage, StorageError, is_uri, join_location
 from fedpgp_ray.tracking import TrackingError, mlflow_listeners
 
@@ -42,8 +40,14 @@ def user_errors() -> tuple[type[Exception], ...]:
 RESULTS_FILE = "results.json"
 
 
-def feature_cache_dir() -> str:
-    """The node-local image-feature cache: $FEDPGP_CACHE_DIR, else ~/.cache/fedpgp-ray/features."""
+def feature_cache_dir(cfg: ExperimentConfig | None = None) -> str | None:
+    """The node-local image-feature cache: $FEDPGP_CACHE_DIR, else ~/.cache/fedpgp-ray/features.
+
+    For a Ray run (`cfg.runtime.kind == "ray"`) None: each client actor resolves the cache of the
+    node it runs on (nodes share no disk, and each node's own $FEDPGP_CACHE_DIR or home applies).
+    """
+    if cfg is not None and cfg.runtime.kind == "ray":
+        return None
     from fedpgp_ray.clip.features import default_cache_dir
     return str(default_cache_dir())
 
@@ -122,7 +126,7 @@ def _run_in_dir(cfg: ExperimentConfig, resume: bool, progress: bool, listeners: 
     status(f"{cfg.algorithm.name}: starting the {cfg.runtime.kind} runtime "
            f"({cfg.federation.num_clients} clients, {cfg.model.name} / {cfg.model.pretrained})")
     try:
-        with build_runtime(cfg, store, feature_cache_dir()) as runtime:
+        with build_runtime(cfg, store, feature_cache_dir(cfg)) as runtime:
             bar = (ProgressBar if progress else PlainProgress)(num_rounds(cfg) + 1, cfg.algorithm.name, start)
             try:
                 results = run_federation(cfg, runtime, store, [*listeners, *extra, bar], resume)
@@ -214,10 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.resume:
             run_dir = args.resume if is_uri(args.resume) else str(Path(args.resume).resolve())
-            storage = RunStorage(run_dir)
-            if not storage.exists(CONFIG_FILE):
-                raise ConfigError(f"--resume {run_dir}: no {CONFIG_FILE} there; pass the output_dir of an earlier run")
-            saved = yaml.safe_load(storage.read_text(CONFIG_FILE))
+            saved = read_saved_config(RunStorage(run_dir))
             cfgs = [config_from_dict(saved, [*args.set, f"output_dir={run_dir}"])]
         else:
             cfg = load_config(args.config, args.set)

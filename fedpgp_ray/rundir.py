@@ -6,10 +6,11 @@ Opening a run directory, before any work:
 2. a lock file (`filelock`, held for the whole run) makes a second run into the same directory
    refuse at once (local and shared paths; object stores have no lock: see `RunDir._lock`);
 3. a new run into a directory that holds another run refuses, unless `overwrite` (the old run's
-   files are removed) or `resume`;
+   files, `RUN_FILES` and `RUN_FOLDERS`, are removed; other files stay) or `resume`;
 4. a resume request is compared with the saved config: keys that change state shapes or
    semantics are refused in one line listing every difference; the keys in `RESUME_SAFE` may
-   change (logged);
+   change (logged); keys the saved config.yaml lacks (an earlier version wrote it, whose defaults
+   may differ) are refused too;
 5. only then are `config.yaml` and `run.json` (the run id) written.
 
 So a refused request leaves the directory exactly as it was. The directory may be a path or a
@@ -40,6 +41,14 @@ RECORD_FILE = "run.json"        # {"run_id", "created", "algorithm"}: who owns t
 LOCK_FILE = ".fedpgp-run.lock"  # held (flock) by the process running in the directory
 # Files that mark a directory as holding a run (a record-less one was written by an older version).
 RUN_MARKERS = (RECORD_FILE, CONFIG_FILE, "results.json", "checkpoints")
+# Everything a run writes in its directory (run.py, plots.py, tracking.py's run file, compare.py's
+# backbone record): `--overwrite` removes these and nothing else, since output_dir may be a folder that
+# holds other things (even `.`). The default MLflow store (mlflow.db) lives in the parent folder.
+RUN_FILES = (RECORD_FILE, CONFIG_FILE, "results.json", "results.csv", "results.md", "rounds.csv", "accuracy.png",
+             "clients.png", "mlflow_run.json", "backbone.json")
+RUN_FOLDERS = ("checkpoints",)
+# Defaults that changed: what runs made before the key existed did (a hint when resuming such a run).
+EARLIER_BEHAVIOUR = {"data.partition_seed": None, "data.local_test": "classes", "data.few_shot_pool": "train+val"}
 # Keys a resume may change: how far and how the run goes on, not what it computes. Every other key
 # (seed, model, data, partition, algorithm and its shapes, training and federation settings) would
 # mix two experiments in one run, or not fit the saved state.
@@ -97,6 +106,34 @@ def resume_differences(saved: ExperimentConfig, requested: ExperimentConfig) -> 
             line = f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
             (allowed if key.startswith(RESUME_SAFE) else refused).append(line)
     return refused, allowed
+
+
+def missing_keys(saved_raw: dict[str, Any], requested: ExperimentConfig) -> list[str]:
+    """`key: <missing> -> new` for every key outside RESUME_SAFE that the saved config.yaml lacks: it was
+    written by an earlier version, and the current default may not be what that version did."""
+    present = flatten(saved_raw)
+    lines = []
+    for key, value in sorted(flatten(config_to_dict(requested)).items()):
+        if key not in present and not key.startswith(RESUME_SAFE):
+            earlier = f" (earlier versions: {EARLIER_BEHAVIOUR[key]!r})" if key in EARLIER_BEHAVIOUR else ""
+            lines.append(f"{key}: <missing> -> {value!r}{earlier}")
+    return lines
+
+
+def read_saved_config(storage: RunStorage) -> dict[str, Any]:
+    """The mapping in a run's config.yaml, or RunDirError (one line) if it is missing or unreadable."""
+    directory = storage.display()
+    if not storage.exists(CONFIG_FILE):
+        raise RunDirError(f"--resume {directory}: no {CONFIG_FILE} there; pass the output_dir of an earlier run")
+    try:
+        data = yaml.safe_load(storage.read_text(CONFIG_FILE))
+        problem = "it is empty" if data is None else f"it holds a {type(data).__name__}, not a mapping"
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        data, problem = None, str(err).splitlines()[0]
+    if not isinstance(data, dict):
+        raise RunDirError(f"--resume {directory}: the saved {storage.display(CONFIG_FILE)} cannot be read "
+                          f"({problem}): restore it, or start a new run in another output_dir")
+    return data
 
 
 def holds_run(storage: RunStorage) -> bool:
@@ -166,20 +203,27 @@ class RunDir:
         directory = storage.display()
         changed: list[str] = []
         if resume:
-            if not storage.exists(CONFIG_FILE):
-                raise RunDirError(f"--resume {directory}: no {CONFIG_FILE} there; pass the output_dir of an "
-                                  f"earlier run")
+            saved_raw = read_saved_config(storage)
             try:
-                saved = config_from_dict(yaml.safe_load(storage.read_text(CONFIG_FILE)),
-                                         [f"output_dir={cfg.output_dir}"])
-            except (ConfigError, yaml.YAMLError, UnicodeDecodeError) as err:
+                saved = config_from_dict(saved_raw, [f"output_dir={cfg.output_dir}"])
+            except ConfigError as err:
                 raise RunDirError(f"--resume {directory}: the saved {CONFIG_FILE} cannot be read "
                                   f"({str(err).splitlines()[0]}): the run cannot be resumed") from None
+            missing = missing_keys(saved_raw, cfg)
             refused, changed = resume_differences(saved, cfg)
+            absent = {line.split(":")[0] for line in missing}  # reported once, as missing
+            refused = [line for line in refused if line.split(":")[0] not in absent]
+            problems = []
             if refused:
-                raise RunDirError(f"--resume {directory} cannot change {'; '.join(refused)} (the saved run "
-                                  f"used the old values): resume without those changes, or start a new run "
-                                  f"in another output_dir")
+                problems.append(f"cannot change {'; '.join(refused)} (the saved run used the old values: resume "
+                                f"without those changes)")
+            if missing:
+                problems.append(f"finds no {'; '.join(missing)} in its {CONFIG_FILE} (written by an earlier "
+                                f"version whose defaults may differ: add these keys to "
+                                f"{storage.display(CONFIG_FILE)} with the values that run used)")
+            if problems:
+                raise RunDirError(f"--resume {directory} {', and '.join(problems)}; or start a new run in "
+                                  f"another output_dir")
             for line in changed:
                 log.warning("resume of %s changes %s", directory, line)
             run_id = record.get("run_id") or uuid.uuid4().hex
@@ -212,18 +256,18 @@ class RunDir:
 
 
 def clear(storage: RunStorage) -> None:
-    """`--overwrite`: remove everything in a run directory except the lock this process holds."""
+    """`--overwrite`: remove the earlier run's files (RUN_FILES, RUN_FOLDERS) and nothing else."""
     local = storage.local_path()
-    if local is not None:
-        for entry in local.iterdir():
-            if entry.name == LOCK_FILE:
-                continue
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry)
-            else:
-                entry.unlink()
-    else:
-        _delete_tree(storage, "")
+    for name in RUN_FOLDERS:
+        if local is None:
+            _delete_tree(storage, name)
+            storage.delete(name)
+        elif (local / name).is_dir() and not (local / name).is_symlink():
+            shutil.rmtree(local / name)
+        elif (local / name).is_symlink() or (local / name).exists():
+            (local / name).unlink()
+    for name in RUN_FILES:
+        storage.delete(name)
     log.warning("--overwrite: removed the earlier run in %s", storage.display())
 
 

@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from fedpgp_ray.messages import one_line
+
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+://")
 
 
@@ -95,7 +97,7 @@ class RunStorage:
             try:
                 self._fs, root = pafs.FileSystem.from_uri(self.location)
             except (OSError, ValueError) as err:  # unknown scheme, malformed URI or query
-                raise StorageError(f"run storage {self.location!r} cannot be opened ({_first_line(err)}): use "
+                raise StorageError(f"run storage {self.location!r} cannot be opened ({one_line(err)}): use "
                                    f"a path, or an s3://, gs:// or file:// URI") from None
             self._root = root.rstrip("/")
         return self._fs
@@ -133,7 +135,7 @@ class RunStorage:
                 with fs.open_output_stream(path) as out:  # the object appears when the upload completes
                     out.write(data)
         except OSError as err:
-            raise StorageError(f"cannot write {self.display(rel)} ({_first_line(err)}): check that the run "
+            raise StorageError(f"cannot write {self.display(rel)} ({one_line(err)}): check that the run "
                                f"storage exists and is writable (object stores: bucket and credentials)") from None
 
     def read_bytes(self, rel: str) -> bytes:
@@ -147,7 +149,7 @@ class RunStorage:
         except FileNotFoundError:
             raise
         except OSError as err:
-            raise StorageError(f"cannot read {self.display(rel)} ({_first_line(err)})") from None
+            raise StorageError(f"cannot read {self.display(rel)} ({one_line(err)})") from None
 
     def write_text(self, rel: str, text: str) -> None:
         self.write_bytes(rel, text.encode("utf-8"))
@@ -161,7 +163,7 @@ class RunStorage:
         try:
             return self._filesystem().get_file_info(self._path(rel)).type != pafs.FileType.NotFound
         except OSError as err:
-            raise StorageError(f"cannot reach {self.display(rel)} ({_first_line(err)})") from None
+            raise StorageError(f"cannot reach {self.display(rel)} ({one_line(err)})") from None
 
     def list(self, prefix: str = "") -> list[str]:
         """Names (not paths) of the files and folders directly under `prefix`, sorted; [] if none."""
@@ -171,7 +173,7 @@ class RunStorage:
         try:
             infos = self._filesystem().get_file_info(pafs.FileSelector(base, allow_not_found=True))
         except OSError as err:
-            raise StorageError(f"cannot list {self.display(prefix)} ({_first_line(err)})") from None
+            raise StorageError(f"cannot list {self.display(prefix)} ({one_line(err)})") from None
         return sorted(info.base_name for info in infos if not info.base_name.endswith(".tmp"))
 
     def delete(self, rel: str) -> None:
@@ -182,7 +184,7 @@ class RunStorage:
             pass
         except OSError as err:
             if self.exists(rel):
-                raise StorageError(f"cannot delete {self.display(rel)} ({_first_line(err)})") from None
+                raise StorageError(f"cannot delete {self.display(rel)} ({one_line(err)})") from None
 
     def makedirs(self) -> None:
         """Create the directory itself (local paths; object stores have no directories to create)."""
@@ -190,7 +192,7 @@ class RunStorage:
             try:
                 self._filesystem().create_dir(self._path(""), recursive=True)
             except OSError as err:
-                raise StorageError(f"cannot create {self.display()} ({_first_line(err)})") from None
+                raise StorageError(f"cannot create {self.display()} ({one_line(err)})") from None
 
     # -- torch ---------------------------------------------------------------------------------------
     def save_torch(self, rel: str, obj: Any) -> None:
@@ -206,11 +208,6 @@ class RunStorage:
         import torch
 
         return torch.load(io.BytesIO(self.read_bytes(rel)), weights_only=True, map_location="cpu")
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0][:300] if text else ''}"
 
 
 __all__ = ["RunStorage", "StorageError", "is_uri", "join_location"]

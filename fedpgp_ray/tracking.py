@@ -37,13 +37,14 @@ from typing import Any
 import yaml
 
 from fedpgp_ray.config import ExperimentConfig, config_to_dict, flatten
+from fedpgp_ray.messages import one_line
 from fedpgp_ray.storage import RunStorage, StorageError, is_uri
 from fedpgp_ray.tracking_io import BackgroundWriter, check_sqlite_store, probe_settings
 
 log = logging.getLogger(__name__)
 
 RUN_FILE = "mlflow_run.json"        # in output_dir: run id, experiment id and store of the run
-DB_FILE = "mlflow.db"               # default store, in output_dir
+DB_FILE = "mlflow.db"               # default store, in the parent of output_dir
 ARTIFACT_DIR = "mlartifacts"        # artifacts of experiments created in a SQLite store, beside the DB
 PARAM_PREFIX = "cfg."               # config params never clash with `mlflow run -P` params
 STEP_MARKER = "round_seconds"       # logged last for every round: its steps are the rounds logged
@@ -120,7 +121,8 @@ def check_reachable(uri: str, timeout: float = PROBE_TIMEOUT_S) -> None:
     context = None
     if uri.startswith("https://"):  # the same TLS settings MLflow's client uses
         if os.environ.get("MLFLOW_TRACKING_INSECURE_TLS", "").lower() == "true":
-            context = ssl._create_unverified_context()
+            context = ssl.create_default_context()
+            context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
         elif os.environ.get("MLFLOW_TRACKING_SERVER_CERT_PATH"):
             context = ssl.create_default_context(cafile=os.environ["MLFLOW_TRACKING_SERVER_CERT_PATH"])
     try:
@@ -132,11 +134,6 @@ def check_reachable(uri: str, timeout: float = PROBE_TIMEOUT_S) -> None:
         raise TrackingError(f"MLflow tracking server {uri} cannot be reached ({reason}): start it, fix "
                             f"MLFLOW_TRACKING_URI / tracking.uri, or turn tracking off with "
                             f"--set tracking.mlflow=false") from None
-
-
-def _one_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0][:300] if text else ''}"
 
 
 def git_commit(path: Path | None = None) -> tuple[str, bool] | None:
@@ -254,7 +251,11 @@ class MlflowTracker:
             return
         self.queue_round(report.round, round_metrics(report))
         if report.round == self.last_round or (report.round > 0 and report.round % self.cfg.tracking.checkpoint_every == 0):
-            self.writer.submit(lambda rnd=report.round: self._log_server_checkpoint(rnd, global_params))
+            try:
+                data = self._server_checkpoint_bytes(report.round, global_params)
+                self.writer.submit(lambda rnd=report.round: self._log_server_checkpoint(rnd, data))
+            except StorageError as err:  # the run itself reports its storage; tracking never stops it
+                log.warning("MLflow: could not read the round-%d checkpoint (%s)", report.round, err)
         self.logged_steps.add(report.round)
         self.seconds[report.round] = time.perf_counter() - began
 
@@ -271,7 +272,7 @@ class MlflowTracker:
                 self.client.log_artifacts(self.run_id, str(stage))
             except Exception as err:  # noqa: BLE001 - results are on disk already; never lose them to tracking
                 log.warning("MLflow: could not log the final artifacts (%s); they are in %s",
-                            _one_line(err), self.output_dir)
+                            one_line(err), self.output_dir)
         if self.cfg.tracking.log_models:  # the trained classifiers as registered MLflow Models
             from fedpgp_ray.serving import log_tracker_models
 
@@ -288,10 +289,11 @@ class MlflowTracker:
         if not self.flush(END_WAIT_S):
             self._report_unwritten()
             return
+        self.writer.stop()
         try:
             self.client.set_terminated(self.run_id, "FINISHED")
         except Exception as err:  # noqa: BLE001
-            log.warning("MLflow: could not mark run %s finished (%s)", self.run_id, _one_line(err))
+            log.warning("MLflow: could not mark run %s finished (%s)", self.run_id, one_line(err))
         self.finished = True
         print(self.summary(), flush=True)
 
@@ -327,21 +329,26 @@ class MlflowTracker:
         self.writer.restore_settings()
         self.finished = True  # nothing more to try at exit: the store is away
 
-    def _log_server_checkpoint(self, rnd: int, global_params: Any) -> None:
-        from fedpgp_ray.checkpoint import atomic_save
-
+    def _server_checkpoint_bytes(self, rnd: int, global_params: Any) -> bytes:
+        """The round's server checkpoint as it is now (read at once: pruning may remove it before
+        the background writer gets to it), or sigma alone where the run keeps none."""
         rel = f"checkpoints/server/round_{rnd}.pt"
-        try:
-            # Staged through a local temp file: the run storage may be an object store (s3://, gs://).
-            with tempfile.TemporaryDirectory(prefix="fedpgp-mlflow-") as tmp:
-                staged = Path(tmp) / f"round_{rnd}.pt"
-                if self.storage.exists(rel):
-                    staged.write_bytes(self.storage.read_bytes(rel))
-                else:  # no server checkpoint there: save sigma
-                    atomic_save({"round": rnd, "global_params": global_params}, staged)
-                self.client.log_artifact(self.run_id, str(staged), "checkpoints/server")
-        except Exception as err:  # noqa: BLE001
-            log.warning("MLflow: could not log the round-%d checkpoint (%s)", rnd, _one_line(err))
+        if self.storage.exists(rel):
+            return self.storage.read_bytes(rel)
+        import io
+
+        import torch
+
+        buffer = io.BytesIO()
+        torch.save({"round": rnd, "global_params": global_params}, buffer)
+        return buffer.getvalue()
+
+    def _log_server_checkpoint(self, rnd: int, data: bytes) -> None:
+        """Upload one checkpoint (on the writer thread: a failure is retried, never dropped)."""
+        with tempfile.TemporaryDirectory(prefix="fedpgp-mlflow-") as tmp:
+            staged = Path(tmp) / f"round_{rnd}.pt"
+            staged.write_bytes(data)
+            self.client.log_artifact(self.run_id, str(staged), "checkpoints/server")
 
     def _stage_artifacts(self, results: dict[str, Any], stage: Path) -> None:
         """Lay out the end-of-run artifacts in `stage` (logged with one call)."""
@@ -473,7 +480,7 @@ def start_tracker(cfg: ExperimentConfig, resume: bool = False) -> MlflowTracker:
     except TrackingError:
         raise
     except Exception as err:  # noqa: BLE001 - any store failure at start-up is a user-facing error
-        raise TrackingError(f"MLflow tracking store {uri} cannot be used ({_one_line(err)}); fix "
+        raise TrackingError(f"MLflow tracking store {uri} cannot be used ({one_line(err)}); fix "
                             f"MLFLOW_TRACKING_URI / tracking.uri or set tracking.mlflow=false") from err
     out.write_text(RUN_FILE, json.dumps({"run_id": run_id, "experiment_id": run.info.experiment_id,
                                         "tracking_uri": uri}, indent=2) + "\n")

@@ -25,6 +25,8 @@ from collections import deque
 from pathlib import Path
 from typing import Callable, Iterator
 
+from fedpgp_ray.messages import one_line
+
 log = logging.getLogger(__name__)
 
 PROBE_TIMEOUT_S = 5      # per HTTP request during a probe
@@ -41,11 +43,6 @@ PERMANENT_ERRORS = {"INVALID_PARAMETER_VALUE", "BAD_REQUEST", "RESOURCE_DOES_NOT
 
 class StoreUnusable(RuntimeError):
     """The tracking store cannot be written (one line: what and why)."""
-
-
-def one_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0][:300] if text else ''}"
 
 
 def lower_retries(settings: dict[str, str]) -> dict[str, str | None]:
@@ -109,6 +106,7 @@ class BackgroundWriter:
         self.failing_since: float | None = None   # time of the first failure of the current outage
         self.last_error = ""
         self.failures = 0
+        self._stopped = False
         self._settings = lower_retries(WRITER_SETTINGS)
         self._thread = threading.Thread(target=self._loop, name="fedpgp-mlflow-writer", daemon=True)
         self._thread.start()
@@ -142,11 +140,20 @@ class BackgroundWriter:
         restore(self._settings)
         self._settings = {}
 
+    def stop(self) -> None:
+        """End the thread (after the run's last write, or once the rest is left to a --resume):
+        a long-lived process (a comparison, a notebook) keeps no writer per finished run."""
+        with self._cond:
+            self._stopped = True
+            self._cond.notify_all()
+
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while not self._jobs:
+                while not self._jobs and not self._stopped:
                     self._cond.wait()
+                if self._stopped:
+                    return
                 call, _ = self._jobs[0]
             try:
                 call()

@@ -122,6 +122,17 @@ def test_compare_user_errors_exit_2(tmp_path, capsys):
     assert main(["--config", config, "--algorithms", "clip", "--seeds", "x"]) == 2
 
 
+@pytest.mark.parametrize("where", [["--output-dir", "s3://bucket/cmp"], ["--set", "output_dir=s3://bucket/runs"]])
+def test_compare_refuses_a_uri_output_dir(tmp_path, capsys, monkeypatch, where):
+    monkeypatch.chdir(tmp_path)
+    config = _config_file(tmp_path)
+    assert main(["--config", config, "--algorithms", "clip", "--seeds", "0", *where]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and len(err.splitlines()) == 1, err
+    assert "s3://bucket/" in err and "pass a local --output-dir" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.yaml"]  # no local `s3:` folder
+
+
 @pytest.mark.slow
 def test_compare_mlflow_parent_and_child_runs(tmp_path, capsys):
     from mlflow import MlflowClient

@@ -237,3 +237,22 @@ def test_unwritable_cache_directory_runs_on_from_memory(clip, tmp_path, caplog):
         cache.features("toy", "test", _split(), np.arange(3))
     assert feats.shape[0] == 6 and cache.encoded_images == 9
     assert sum("kept in memory only" in r.message for r in caplog.records) == 1
+
+
+def test_failed_entry_write_runs_on_from_memory(clip, tmp_path, caplog):
+    # The directory exists and is writable, but the entry's own file cannot be written: a non-empty
+    # directory sits at `<key>.pt`, so the rename onto it fails with a real OSError (as a full disk
+    # or a read-only mount would; chmod cannot stop root). The run goes on with the features in memory.
+    split, idx = _split(), np.arange(6)
+    cache = ImageFeatureCache(clip, tmp_path)
+    key = cache.key(FeatureRequest("toy", "test", split, idx))
+    (tmp_path / f"{key}.pt" / "occupied").mkdir(parents=True)
+    with caplog.at_level(logging.WARNING, logger="fedpgp_ray.clip.features"):
+        feats = cache.features("toy", "test", split, idx)
+        again = cache.features("toy", "test", split, idx)
+    assert feats.shape[0] == 6 and torch.equal(again, feats) and cache.encoded_images == 6
+    warnings = [r.getMessage() for r in caplog.records if "cannot write to" in r.getMessage()]
+    assert len(warnings) == 1 and "kept in memory only" in warnings[0] and "storage" not in warnings[0].lower()
+    assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob("*.json"))  # no temp file left behind
+    fresh = ImageFeatureCache(clip, tmp_path)  # nothing was cached on disk: a new process encodes again
+    assert torch.equal(fresh.features("toy", "test", split, idx), feats) and fresh.encoded_images == 6

@@ -266,6 +266,54 @@ def test_unplaceable_actors_fail_fast_with_a_clear_error(ray_session, tiny_weigh
         time.sleep(0.2)
 
 
+def test_bad_input_in_a_client_actor_reaches_the_driver_as_itself(ray_session, tiny_weights, tmp_path, capsys):
+    """A DataError or ConfigError raised while a client actor starts is not an ActorDiedError wrapped in a
+    RuntimeError: it reaches the driver as its own type, and the CLI prints one `error:` line (exit 2)."""
+    import dataclasses
+
+    from fedpgp_ray.config import ConfigError
+    from fedpgp_ray.data.base import DataError
+
+    cfg = make_cfg(tmp_path / "root", tiny_weights)
+    missing = tmp_path / "no-such-root"
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, dataset="cifar10", root=str(missing)))
+    with pytest.raises(DataError, match=r"data root not found: .*no-such-root"):
+        RayRuntime(cfg, None, feature_cache_dir())
+    cuda = make_cfg(tmp_path / "cuda", tiny_weights)
+    cuda = dataclasses.replace(cuda, model=dataclasses.replace(cuda.model, device="cuda"))
+    with pytest.raises(ConfigError, match=r"model.device is 'cuda' but this client actor has no GPU"):
+        RayRuntime(cuda, None, feature_cache_dir())
+    capsys.readouterr()
+    (tmp_path / "cfg.yaml").write_text(json.dumps({
+        "output_dir": str(tmp_path / "cli"), "model": {"pretrained": tiny_weights, "device": "cuda"},
+        "tracking": {"mlflow": False},
+        "runtime": {"kind": "ray", "num_actors": 2, "num_cpus_per_actor": 1, "placement_timeout_s": 20}}))
+    assert run_main(["--config", str(tmp_path / "cfg.yaml"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert [line for line in err.splitlines() if line.startswith("error:")] == [
+        line for line in err.splitlines() if "no GPU" in line], err
+    assert "no GPU" in err and "Traceback" not in err and "failed to start" not in err, err
+
+
+def test_actors_without_a_given_cache_dir_use_their_own_nodes(ray_session, tiny_weights, tmp_path, monkeypatch):
+    """cache_dir None (what a Ray run from the CLI passes): each actor resolves its node's cache, here the
+    $FEDPGP_CACHE_DIR the node (this machine's Ray instance) was started with, not the driver's."""
+    node_cache = os.environ["FEDPGP_CACHE_DIR"]  # what the Ray instance (and so its actors) inherited
+    cfg = make_cfg(tmp_path / "run", tiny_weights)
+    assert feature_cache_dir(cfg) is None
+    local = dataclasses_replace_kind(cfg, "local")
+    monkeypatch.setenv("FEDPGP_CACHE_DIR", str(tmp_path / "driver-only"))
+    assert feature_cache_dir(local) == str(tmp_path / "driver-only")  # in-process: the driver's own
+    with RayRuntime(cfg, None, feature_cache_dir(cfg)) as runtime:
+        assert runtime.dataset_manifest()["feature_cache"]["directory"] == node_cache
+    assert not (tmp_path / "driver-only").exists()
+
+
+def dataclasses_replace_kind(cfg, kind: str):
+    import dataclasses
+    return dataclasses.replace(cfg, runtime=dataclasses.replace(cfg.runtime, kind=kind))
+
+
 # --------------------------------------------------------------------------------------------------
 # `ray start` + `ray job submit` end to end
 # --------------------------------------------------------------------------------------------------

@@ -117,7 +117,14 @@ def test_a_new_run_into_another_runs_directory_refuses_or_overwrites(finished_ru
     assert f"output_dir {out} holds run {record['run_id']}" in err and "--resume" in err and "--overwrite" in err
     assert snapshot(out) == before  # nothing rewritten
 
+    # output_dir may hold other things too (even `.`): --overwrite removes only the run's own files
+    (out / "notes.txt").write_text("mine")
+    (out / "data").mkdir()
+    (out / "data" / "images.csv").write_text("a,b\n")
+    (out / "backbone.json").write_text("{}")  # a run file this new run does not write again
     assert main(["--config", str(config), "--set", "train.rounds=1", "--overwrite", "--no-progress"]) == 0
+    assert (out / "notes.txt").read_text() == "mine" and (out / "data" / "images.csv").read_text() == "a,b\n"
+    assert not (out / "backbone.json").exists()
     assert json.loads((out / rundir.RECORD_FILE).read_text())["run_id"] != record["run_id"]
     rounds = sorted(p.name for p in (out / "checkpoints" / "server").iterdir())
     assert rounds == ["round_0.pt", "round_1.pt"]  # the old run's round_2 is gone with it
@@ -197,6 +204,38 @@ def test_run_experiment_resume_compares_with_the_saved_config(finished_run):
     cfg = config_from_dict({**TINY, "output_dir": str(out), "runtime": {"kind": "local"}}, ["algorithm.rank=2"])
     with pytest.raises(rundir.RunDirError, match=r"cannot change algorithm.rank: 8 -> 2"):
         run_experiment(cfg, resume=True, progress=False)
+
+
+@pytest.mark.parametrize("content", [b"\xff\xfe\x00\x81 not text", b"", b"train: [unclosed", b"- a list\n"],
+                         ids=["bytes", "empty", "bad-yaml", "not-a-mapping"])
+def test_resume_with_an_unreadable_saved_config_exits_2_in_one_line(tmp_path, capsys, content):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / rundir.CONFIG_FILE).write_bytes(content)
+    assert main(["--resume", str(out), "--no-progress"]) == 2
+    assert f"the saved {out / rundir.CONFIG_FILE} cannot be read" in one_error_line(capsys)
+    assert sorted(p.name for p in out.iterdir()) == [rundir.CONFIG_FILE]  # no run started, nothing written
+    assert (out / rundir.CONFIG_FILE).read_bytes() == content
+
+
+def test_resume_refuses_keys_missing_from_an_earlier_versions_config(finished_run, capsys):
+    out, _ = finished_run
+    saved = yaml.safe_load((out / rundir.CONFIG_FILE).read_text())
+    del saved["data"]["partition_seed"]  # as an earlier version wrote it: its runs used the experiment seed
+    (out / rundir.CONFIG_FILE).write_text(yaml.safe_dump(saved))
+    before = snapshot(out)
+    capsys.readouterr()
+    assert main(["--resume", str(out), "--set", "seed=3", "--no-progress"]) == 2
+    err = one_error_line(capsys)
+    assert "data.partition_seed: <missing> -> 2023 (earlier versions: None)" in err and "seed: 0 -> 3" in err, err
+    assert str(out / rundir.CONFIG_FILE) in err
+    assert main(["--resume", str(out), "--set", "data.partition_seed=null", "--no-progress"]) == 2
+    assert "data.partition_seed: <missing> -> None" in one_error_line(capsys)  # only the file can say
+    assert snapshot(out) == before
+
+    saved["data"]["partition_seed"] = 2023  # what the user adds, following the message
+    (out / rundir.CONFIG_FILE).write_text(yaml.safe_dump(saved))
+    assert main(["--resume", str(out), "--no-progress"]) == 0
 
 
 # -- tracking store failures ----------------------------------------------------------------------------

@@ -44,7 +44,6 @@ import torch
 from filelock import FileLock, Timeout
 from torchvision import transforms as T
 
-from fedpgp_ray.checkpoint import atomic_save
 from fedpgp_ray.clip.backbone import FrozenClip
 from fedpgp_ray.data.base import ImageSplit
 from fedpgp_ray.progress import Progress
@@ -316,16 +315,25 @@ class ImageFeatureCache:
         self._memory[key] = value
         if self.directory is None or not self.directory.is_dir():
             return value
+        # Plain files, temp file + rename (not the run storage, whose errors are about the run's own files)
+        tag = f"{os.getpid()}.{time.monotonic_ns()}.tmp"
+        tmp_pt, tmp_json = self.directory / f"{key}.pt.{tag}", self.directory / f"{key}.json.{tag}"
         try:
-            atomic_save({"format": FORMAT_VERSION, "key": key, "value": value}, self.directory / f"{key}.pt")
+            torch.save({"format": FORMAT_VERSION, "key": key, "value": value}, tmp_pt)
+            os.replace(tmp_pt, self.directory / f"{key}.pt")
             about = {"key": key, "dataset": request.dataset, "split": request.split_name,
                      "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "fields": fields}
-            tmp = self.directory / f"{key}.json.tmp"
-            tmp.write_text(json.dumps(about, indent=1))
-            tmp.replace(self.directory / f"{key}.json")
-        except OSError as err:  # a full or read-only disk costs a re-encoding next run, never this run
+            tmp_json.write_text(json.dumps(about, indent=1))
+            os.replace(tmp_json, self.directory / f"{key}.json")
+        except (OSError, RuntimeError) as err:  # torch.save reports a failed write as RuntimeError
+            # a full or read-only disk costs a re-encoding next run, never this run
             _warn_once(str(self.directory), "feature cache: cannot write to %s (%s); features are kept in "
                        "memory only", self.directory, err)
+            for tmp in (tmp_pt, tmp_json):
+                try:
+                    tmp.unlink(missing_ok=True)
+                except OSError:
+                    pass
         return value
 
     # -- encoding ---------------------------------------------------------------------------------

@@ -146,9 +146,22 @@ class ClientActor:
                  threads: int, gpu_fraction: float, marker: str | None = None) -> None:
         # First prove this node reads the run storage the driver wrote to; if not, build nothing and
         # let prepare() (the driver's first call) raise the one-line StorageError.
-        self.storage_error = _storage_error(store, marker, "client actor")
-        if self.storage_error is not None:
+        self.start_error: Exception | None = _storage_error(store, marker, "client actor")
+        if self.start_error is not None:
             return
+        try:
+            self._build(cfg, store, cache_dir, threads, gpu_fraction)
+        except Exception as err:
+            # Bad input (a missing data.root, model.device 'cuda' on a CPU actor...): an exception in
+            # __init__ reaches the driver as ActorDiedError with only its text, so keep it and let
+            # prepare() raise it; it then arrives as itself (one `error:` line from the CLI).
+            from fedpgp_ray.run import user_errors  # lazily: run.py imports the runtimes lazily too
+            if not isinstance(err, user_errors()):
+                raise
+            self.start_error = err
+
+    def _build(self, cfg: ExperimentConfig, store: CheckpointStore | None, cache_dir: str | None,
+               threads: int, gpu_fraction: float) -> None:
         gpu_ids = ray.get_gpu_ids()
         self.fallback = ""
         if not gpu_ids:
@@ -175,13 +188,16 @@ class ClientActor:
         torch.set_num_threads(max(int(threads), 1))
         self.gpu_ids = [str(g) for g in gpu_ids]
         self.threads = torch.get_num_threads()
+        if cache_dir is None:  # the driver left it to this node: its own $FEDPGP_CACHE_DIR, else its home
+            from fedpgp_ray.clip.features import default_cache_dir
+            cache_dir = str(default_cache_dir())
         self.worker = ClientWorker(cfg, device=device, store=store, cache_dir=cache_dir)
 
     def prepare(self, client_ids: list[int] | None = None) -> dict[str, Any]:
         """Load (or encode) the image features of the clients this actor serves (default: all) and of the
         test set; returns where and how this actor runs, and the dataset manifest."""
-        if self.storage_error is not None:
-            raise self.storage_error
+        if self.start_error is not None:
+            raise self.start_error
         rows = self.worker.prepare(client_ids)
         return {"pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(),
                 "device": str(self.worker.device), "gpu_ids": self.gpu_ids, "threads": self.threads,
@@ -199,13 +215,13 @@ class ClientActor:
             raise RuntimeError(f"injected failure of client {client_id} (FaultPlan.fail)")
         if fault == "hang":
             time.sleep(10**6)  # alive but stuck (a deadlock, a hung filesystem): only a timeout ends it
-        if self.storage_error is not None:
-            raise self.storage_error
+        if self.start_error is not None:
+            raise self.start_error
         return self.worker.fit(client_id, rnd, global_params)
 
     def evaluate(self, client_id: int, rnd: int, global_params: Params, fault: str | None = None) -> EvalResult:
-        if self.storage_error is not None:
-            raise self.storage_error
+        if self.start_error is not None:
+            raise self.start_error
         return self.worker.evaluate(client_id, rnd, global_params)
 
     def ping(self, payload: Any = None) -> int:
@@ -326,6 +342,8 @@ class _Task:
 class RayRuntime(Runtime):
     """Clients on a pool of Ray actors; the server in a Ray actor (see the module docstring).
 
+    cache_dir: the image-feature cache every actor uses; None: each actor uses its own node's
+    (`features.default_cache_dir()` resolved on that node: its $FEDPGP_CACHE_DIR, else its home).
     faults: injected failures (tests, drills); default from $FEDPGP_RAY_FAULTS, else none.
     """
 

@@ -19,7 +19,7 @@ from fedml.core import ServerAggregator
 
 from fedpgp_ray.federation import build_strategy
 
-from fedpgp_fedml.config import FedMLConfigError, experiment_config_from_args, get
+from fedpgp_fedml.config import FedMLConfigError, experiment_config_from_args, get, where
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,10 @@ class FedPGPServerAggregator(ServerAggregator):
                                    f"client_num_in_total (q = 1): FedML's server selects "
                                    f"{self.cfg.federation.client_fraction:g} of the silos by itself, not by "
                                    f"Poisson sampling, and epsilon would not hold")
+        if get(args, "training_type") == "cross_silo" and self.strategy.num_rounds < self.cfg.train.rounds:
+            # FedML's cross-silo server runs comm_round rounds itself: it cannot stop early at the budget
+            raise FedMLConfigError(f"{self.strategy.stop_message}; FedML cross-silo cannot stop early: set "
+                                   f"{where('comm_round')} (train.rounds) to {self.strategy.num_rounds}")
         self.aggregation_metrics: dict[str, float] = {}  # of the last aggregate(): privacy/epsilon under DP
         # cross-silo: the clients' reports per round (fedpgp_fedml.report.ServerReport shows them)
         self.server_report: Any = None
@@ -53,6 +57,12 @@ class FedPGPServerAggregator(ServerAggregator):
         self._fits: dict[int, dict[int, dict[str, float]]] = {}
         self._aggregated: dict[int, dict[str, float]] = {}
         self._last_emit = time.perf_counter()
+        if get(args, "training_type") == "cross_silo":  # now, so a TrackingError comes before any training
+            from fedpgp_fedml.report import ServerReport
+
+            self.server_report = ServerReport(self.cfg, f"FedML cross-silo ({get(args, 'backend')}, "
+                                                        f"{get(args, 'client_num_per_round')} silos), "
+                                                        f"{self.cfg.algorithm.name}")
 
     def get_model_params(self) -> "OrderedDict[str, torch.Tensor]":
         return OrderedDict((k, v.detach().cpu().clone()) for k, v in self.params.items())
@@ -94,12 +104,6 @@ class FedPGPServerAggregator(ServerAggregator):
     def receive_report(self, text: str) -> None:
         """A client's report (FedPGPClientTrainer.pop_report), arriving with its upload or, after the
         last round, with its FINISHED status; the last client's final report ends the run's report."""
-        from fedpgp_fedml.report import ServerReport
-
-        if self.server_report is None:
-            self.server_report = ServerReport(self.cfg, f"FedML cross-silo ({get(self.args, 'backend')}, "
-                                                        f"{get(self.args, 'client_num_per_round')} silos), "
-                                                        f"{self.cfg.algorithm.name}")
         report = json.loads(text)
         cid = int(report["client"])
         if report.get("eval") is not None:

@@ -95,3 +95,22 @@ def test_builtin_fedavg_still_dispatches_to_fedml(registered):
     finally:
         FedAvgAPI.__init__ = original
     assert seen == {"called": True} and isinstance(sim.fl_trainer, FedAvgAPI)
+
+
+def test_cross_silo_server_refuses_an_unusable_tracking_store_before_training(registered, monkeypatch, tmp_path):
+    """The cross-silo server opens its MLflow run when built: a dead store fails then, not after round 1."""
+    from fedpgp_fedml import FedPGPServerAggregator
+    from fedpgp_fedml.crosssilo import free_ports
+    from fedpgp_ray.tracking import TrackingError
+
+    uri = f"http://127.0.0.1:{free_ports(1)[0]}"  # nobody listens there
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    cfg = small_config()
+    cfg["fedpgp_args"]["fedpgp_output_dir"] = str(tmp_path / "out")
+    cfg["fedpgp_args"]["fedpgp_config"]["tracking"] = {"mlflow": True}
+    args = _load(registered, cfg)
+    args.training_type = "cross_silo"
+    with pytest.raises(TrackingError, match=f"{uri} cannot be reached"):
+        FedPGPServerAggregator(registered.create_model(args), args)
+    simulated = _load(registered, cfg)  # sp: the simulator builds the report, not the aggregator
+    assert FedPGPServerAggregator(registered.create_model(simulated), simulated).server_report is None

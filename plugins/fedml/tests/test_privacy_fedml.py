@@ -100,3 +100,21 @@ def test_cross_silo_dp_needs_every_silo_every_round(registered):
     every = registered.load_arguments(private_config(per_round=4))
     every.training_type = "cross_silo"
     assert FedPGPServerAggregator(registered.create_model(every), every).strategy.privacy is not None
+
+
+def test_cross_silo_dp_refuses_more_rounds_than_the_budget_allows(registered):
+    """FedML's cross-silo server runs comm_round rounds itself: a max_epsilon that allows fewer fails at start."""
+    from fedpgp_fedml import FedMLConfigError, FedPGPServerAggregator
+    from fedpgp_ray import privacy as dp
+
+    cfg = private_config(per_round=4)  # q = 1, comm_round = 2
+    cfg["fedpgp_args"]["fedpgp_config"]["privacy"]["max_epsilon"] = dp.epsilon(1.0, 1.0, 1, 1e-4)  # 1 round
+    args = registered.load_arguments(cfg)
+    args.training_type = "cross_silo"
+    with pytest.raises(FedMLConfigError) as err:
+        FedPGPServerAggregator(registered.create_model(args), args)
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert "stopping after round 1 of 2" in msg and "train_args.comm_round (train.rounds) to 1" in msg
+    simulated = registered.load_arguments(cfg)  # sp stops at the budget by itself
+    assert FedPGPServerAggregator(registered.create_model(simulated), simulated).strategy.num_rounds == 1
