@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # command -> ("module" or "module:function" taking argv and returning the exit code, one-line help)
@@ -61,7 +62,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: unknown command '{argv[0]}': choose one of {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
     module, _, function = COMMANDS[argv[0]][0].partition(":")
-    return int(getattr(importlib.import_module(module), function or "main")(argv[1:]) or 0)
+    try:
+        code = int(getattr(importlib.import_module(module), function or "main")(argv[1:]) or 0)
+        sys.stdout.flush()  # a closed pipe shows up here, not in the interpreter's exit
+        return code
+    except BrokenPipeError:  # `fedpgp-ray configs | head`: the reader left; no traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import ast
 import hashlib
 import importlib
 import math
+import os
 import re
 import shutil
 import subprocess
@@ -76,6 +77,18 @@ def test_packaged_configs_by_name_from_any_directory(tmp_path, monkeypatch):
     listed = cli("configs", cwd=tmp_path)
     assert listed.returncode == 0
     assert [line.split()[0] for line in listed.stdout.splitlines()] == names
+
+
+def test_a_reader_that_stops_early_gets_no_traceback():
+    """`fedpgp-ray configs | head -1`: the pipe closes under the command; it ends quietly."""
+    for unbuffered in ("1", ""):  # print flushes each line, or only at exit
+        reader = subprocess.Popen([sys.executable, "-c", "pass"], stdin=subprocess.PIPE)
+        reader.wait(timeout=60)  # the read end is closed: every write fails with EPIPE
+        env = {**os.environ, "PYTHONUNBUFFERED": unbuffered}
+        writer = subprocess.run([sys.executable, "-m", "fedpgp_ray.cli", "configs"], stdout=reader.stdin,
+                                stderr=subprocess.PIPE, text=True, timeout=120, env=env)
+        reader.stdin.close()
+        assert writer.returncode == 0 and writer.stderr == "", writer.stderr
 
 
 def test_pretrain_refuses_to_overwrite_the_shipped_checkpoint(capsys):
