@@ -334,7 +334,6 @@ class ServerProxy:
 class _Task:
     client_id: int
     slot: int
-    generation: int
     seq: int
     submitted: float = 0.0  # time.monotonic() at submission
 
@@ -357,7 +356,6 @@ class RayRuntime(Runtime):
         self.num_actors = self.rc.num_actors
         self.threads = self.rc.threads_per_worker or max(int(math.floor(self.rc.num_cpus_per_actor)), 1)
         self.actors: list[Any] = []
-        self.generation: list[int] = []
         self.actor_info: list[dict[str, Any]] = []
         self.server_actor = None
         self.pg = None
@@ -460,7 +458,6 @@ class RayRuntime(Runtime):
                f"the backbone and reads (or encodes, once) its clients' image features")
         self.actors = [self._spawn(i) for i in range(self.num_actors)]
         self._spawn_server()
-        self.generation = [0] * self.num_actors
         try:
             # Each actor reads or encodes its own clients' images; actors on one node share the test
             # set's cache entries, each entry encoded by one of them while the others wait and read it.
@@ -562,7 +559,7 @@ class RayRuntime(Runtime):
                 ref = getattr(self.actors[slot], method).remote(cid, rnd, params_ref,
                                                                 self._fault(method, rnd, cid, attempts[cid]))
                 self._seq += 1
-                inflight[ref] = _Task(cid, slot, self.generation[slot], self._seq, time.monotonic())
+                inflight[ref] = _Task(cid, slot, self._seq, time.monotonic())
                 if method == "fit" and (rnd, cid) in self.faults.kill - self._fired:
                     self._fired.add((rnd, cid))
                     log.warning("fault injection: killing the actor of slot %d while client %d is in flight",
@@ -638,15 +635,12 @@ class RayRuntime(Runtime):
             task = inflight.pop(ref)
             try:
                 results[task.client_id] = ray.get(ref)
-                if task.generation == self.generation[task.slot]:
-                    now = time.monotonic()
-                    self._slowest_task_s = max(self._slowest_task_s, now - max(task.submitted, slot_free_at[task.slot]))
-                    slot_free_at[task.slot] = now
+                now = time.monotonic()
+                self._slowest_task_s = max(self._slowest_task_s, now - max(task.submitted, slot_free_at[task.slot]))
+                slot_free_at[task.slot] = now
             except RayActorError as err:
-                if task.generation == self.generation[task.slot]:
-                    lose_actor(task.slot, [task], f"died during {method} of round {rnd}: {type(err).__name__}")
-                else:  # a late report from an actor already replaced: run the client again, free
-                    queues[task.slot].appendleft(task.client_id)
+                # lose_actor drops every in-flight task of a replaced actor, so `task` is the current one's
+                lose_actor(task.slot, [task], f"died during {method} of round {rnd}: {type(err).__name__}")
             except RayError as err:  # the task raised (RayTaskError) or its worker was lost
                 slot_free_at[task.slot] = time.monotonic()
                 cause = _unwrap(err) if isinstance(err, RayTaskError) else err
@@ -677,7 +671,6 @@ class RayRuntime(Runtime):
         except Exception:  # already gone
             pass
         self.actors[slot] = self._spawn(slot)
-        self.generation[slot] += 1
         return self.actors[slot].prepare.remote(self.clients_of(slot))
 
     # -- reporting, shutdown ------------------------------------------------------------------------
