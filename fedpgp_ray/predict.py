@@ -63,15 +63,21 @@ def main(argv: list[str] | None = None) -> int:
         if args.model and args.model.startswith(("models:/", "runs:/")) and not os.environ.get("MLFLOW_TRACKING_URI"):
             raise ValueError(f"--model {args.model} is looked up in an MLflow store: pass --tracking-uri (the run "
                              f"printed it, e.g. sqlite:////abs/runs/mlflow.db) or set MLFLOW_TRACKING_URI")
-        from fedpgp_ray import serving  # torch, MLflow: only once the arguments are fine
+        import torch
 
-        images = [serving.decode_image(serving.encode_image(path), f"image file {path}")  # bad files fail first
-                  for path in args.images]
+        from fedpgp_ray import serving  # torch, MLflow: only once the arguments are fine
+        from fedpgp_ray.serving_io import check_classes, read_image_file
+
+        if classes is not None:
+            check_classes(classes, [])
+        for path in args.images:  # bad files fail before the model loads; one image in memory at a time
+            read_image_file(path)
         if args.model:
             classifier = load_model_classifier(args.model)
         else:
             classifier = serving.classifier_from_run(args.run, args.client)
-        names, probs = classifier.probabilities(images, classes)
+        batch = torch.stack([classifier.clip.preprocess(read_image_file(path)) for path in args.images])
+        names, probs = classifier.probabilities(batch, classes)
     except Exception as err:  # noqa: BLE001 - one line for the user; user_error says which errors are theirs
         message = user_error(err)
         if message is None:

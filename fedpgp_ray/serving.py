@@ -25,8 +25,6 @@ INVALID_PARAMETER_VALUE, which the scoring server answers with HTTP 400 and the 
 """
 from __future__ import annotations
 
-import base64
-import binascii
 import contextlib
 import io
 import json
@@ -46,7 +44,6 @@ import pandas as pd
 import torch
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
-from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
 from mlflow.types.schema import Array
 from PIL import Image
@@ -55,22 +52,16 @@ from fedpgp_ray.algorithms import Algorithm, FrozenEncoders, Params, build_algor
 from fedpgp_ray.clip.backbone import FrozenClip, load_clip
 from fedpgp_ray.clip.features import TOKEN_DTYPE
 from fedpgp_ray.config import AlgorithmConfig, ExperimentConfig, ModelConfig
+from fedpgp_ray.serving_io import (CLASSES_PARAM, IMAGE_COLUMN, bad_request, check_classes, decode_image,  # noqa: F401
+                                   encode_image, image_column, result_frame, to_pil)
 
 log = logging.getLogger(__name__)
 
-IMAGE_COLUMN = "image"
-CLASSES_PARAM = "classes"
 PROMPT_ARTIFACT = "prompt"                 # the model's artifacts: prompt tensors (.pt, plain tensors)
 SPEC_ARTIFACT = "spec"                     # and the ClassifierSpec (.json)
 BACKBONE_ARTIFACT_DIR = "backbone"         # run artifact folder of a local backbone checkpoint
 MODEL_CODE = Path(__file__).with_name("serving_model.py")  # MLflow "model from code": no pickle
-IMAGE_FORMATS = ("PNG", "JPEG")
 MAX_CUSTOM_CLASS_LISTS = 64  # distinct per-request class lists whose prompts stay cached
-
-
-def bad_request(message: str) -> MlflowException:
-    """An error the scoring server answers with HTTP 400 and `message`."""
-    return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
 
 
 # -- the classifier ---------------------------------------------------------------------------------------
@@ -148,28 +139,21 @@ class PromptClassifier:
 
     def check_classes(self, classes: Sequence[str] | None) -> list[str]:
         """The class list to classify into: the model's own when None, else `classes` validated."""
-        if classes is None:
-            return self.classnames
-        names = [c.strip() if isinstance(c, str) else c for c in classes]
-        if not names:
-            raise bad_request(f"'{CLASSES_PARAM}' is an empty list: give at least one class name, or leave it "
-                              f"out to classify into the model's {len(self.spec.classnames)} classes")
-        if not all(isinstance(c, str) and c for c in names):
-            raise bad_request(f"'{CLASSES_PARAM}' must hold non-empty strings, got {list(classes)!r}")
-        repeated = sorted({c for c in names if names.count(c) > 1})
-        if repeated:
-            raise bad_request(f"'{CLASSES_PARAM}' names {', '.join(map(repr, repeated))} more than once: "
-                              f"give each class once")
-        return names
+        return check_classes(classes, self.spec.classnames)
+
+    def preprocess(self, images: Sequence[Image.Image | np.ndarray]) -> torch.Tensor:
+        """The backbone's input batch; each image is dropped once preprocessed (bounded memory)."""
+        return torch.stack([self.clip.preprocess(to_pil(image, i)) for i, image in enumerate(images)])
 
     @torch.inference_mode()
-    def probabilities(self, images: Sequence[Image.Image | np.ndarray], classes: Sequence[str] | None = None
-                      ) -> tuple[list[str], torch.Tensor]:
-        """(class names, probabilities [n_images, n_classes]) for RGB images (PIL or uint8 arrays HxWx3)."""
+    def probabilities(self, images: Sequence[Image.Image | np.ndarray] | torch.Tensor,
+                      classes: Sequence[str] | None = None) -> tuple[list[str], torch.Tensor]:
+        """(class names, probabilities [n_images, n_classes]) for RGB images (PIL or uint8 arrays HxWx3),
+        or for a batch already preprocessed (`preprocess`)."""
         names = self.check_classes(classes)
         if len(images) == 0:
             return names, torch.zeros(0, len(names))
-        batch = torch.stack([self.clip.preprocess(to_pil(image, i)) for i, image in enumerate(images)])
+        batch = images if isinstance(images, torch.Tensor) else self.preprocess(images)
         with self._lock:
             self._bound_prompt_cache(names)
             extra = {}
@@ -206,63 +190,6 @@ class PromptClassifier:
             self._custom.add(key)
 
 
-def to_pil(image: Image.Image | np.ndarray, index: int = 0) -> Image.Image:
-    """An RGB PIL image from a PIL image or a uint8 array [H, W, 3] / [H, W] (as datasets load them)."""
-    if isinstance(image, Image.Image):
-        return image.convert("RGB")
-    array = np.asarray(image)
-    if array.dtype != np.uint8 or array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (3, 4)):
-        raise bad_request(f"image {index}: expected a uint8 array [H, W, 3], got {array.dtype} {list(array.shape)}")
-    return Image.fromarray(array).convert("RGB")
-
-
-def decode_image(value: Any, where: str = f"a value of column '{IMAGE_COLUMN}'") -> Image.Image:
-    """An RGB image from a base64 string of a PNG or JPEG file (a `data:image/...;base64,` prefix is allowed).
-
-    where: what the value is, for the error message (a row of the request, a file).
-    """
-    if not isinstance(value, str) or not value.strip():
-        raise bad_request(f"{where} is {type(value).__name__} {str(value)[:40]!r}, not an image: send each image "
-                          f"as a base64-encoded PNG or JPEG file")
-    text = value.strip()
-    if text.startswith("data:") and "," in text:
-        text = text.split(",", 1)[1]
-    try:
-        data = base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError):
-        raise bad_request(f"{where} is not base64: send each image as a base64-encoded PNG or JPEG file") from None
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            if img.format not in IMAGE_FORMATS:
-                raise bad_request(f"{where} is a {img.format} image: send PNG or JPEG")
-            return img.convert("RGB")
-    except MlflowException:
-        raise
-    except Exception as err:  # noqa: BLE001 - PIL raises OSError, SyntaxError, DecompressionBombError...
-        raise bad_request(f"{where} is not a readable PNG or JPEG image ({type(err).__name__}): send each "
-                          f"image as a base64-encoded PNG or JPEG file") from None
-
-
-def encode_image(image: Image.Image | np.ndarray | bytes | str | Path) -> str:
-    """base64 text of a PNG (arrays, PIL images) or of a file's bytes (a path, raw bytes): the `image` column."""
-    if isinstance(image, (str, Path)):
-        image = Path(image).read_bytes()
-    if isinstance(image, bytes):
-        return base64.b64encode(image).decode("ascii")
-    buffer = io.BytesIO()
-    to_pil(image).save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
-def result_frame(names: list[str], probs: torch.Tensor) -> pd.DataFrame:
-    """One row per image: top label, its probability, and the full vector (in the order of `names`)."""
-    values = probs.double().numpy()
-    top = values.argmax(axis=1) if len(values) else np.zeros(0, dtype=int)
-    return pd.DataFrame({"label": [names[i] for i in top],
-                         "probability": values[np.arange(len(values)), top] if len(values) else np.zeros(0),
-                         "probabilities": [row.tolist() for row in values]})
-
-
 # -- the MLflow pyfunc model ------------------------------------------------------------------------------
 class PromptClassifierModel(mlflow.pyfunc.PythonModel):
     """pyfunc wrapper of PromptClassifier (built from the model's `prompt` and `spec` artifacts)."""
@@ -278,15 +205,16 @@ class PromptClassifierModel(mlflow.pyfunc.PythonModel):
     # model_input annotated as a DataFrame: MLflow then takes the schema from the logged signature.
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
                 ) -> pd.DataFrame:
-        if IMAGE_COLUMN not in model_input.columns:
-            raise bad_request(f"the input has no column '{IMAGE_COLUMN}' (columns: {list(model_input.columns)}): "
-                              f"send base64 PNG/JPEG images in a column named '{IMAGE_COLUMN}'")
-        images = [decode_image(value, f"row {i} of column '{IMAGE_COLUMN}'")
-                  for i, value in enumerate(model_input[IMAGE_COLUMN])]
+        column = image_column(model_input)
         classes = (params or {}).get(CLASSES_PARAM)
         if classes is not None and list(classes) == self.classifier.classnames:
             classes = None  # the signature's default: the model's own classes
-        names, probs = self.classifier.probabilities(images, classes)
+        self.classifier.check_classes(classes)  # before any image is decoded
+        # one image decoded at a time: memory holds one full-size image, not the request's
+        preprocess = self.classifier.clip.preprocess
+        batch = torch.stack([preprocess(decode_image(value, f"row {i} of column '{IMAGE_COLUMN}'"))
+                             for i, value in enumerate(column)]) if column else []
+        names, probs = self.classifier.probabilities(batch, classes)
         return result_frame(names, probs)
 
 
