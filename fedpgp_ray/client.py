@@ -99,6 +99,9 @@ class ClientWorker:
         self._uses_tokens = bool(getattr(self.algorithm, "uses_patch_tokens", False))
         self._train_tokens: dict[int, torch.Tensor] = {}
         self._test_tokens: torch.Tensor | None = None
+        # Shared partition: the used training images (sorted) and their features per kind, in chunks.
+        self._shared_rows: np.ndarray | None = None
+        self._shared_chunks: dict[str, list[torch.Tensor]] = {}
 
     @property
     def device(self) -> torch.device:
@@ -119,6 +122,9 @@ class ClientWorker:
         kinds = ["patch_tokens", "pooled"] if self._uses_tokens else ["pooled"]  # the token pass caches both
         views, name = self.cfg.data.augment_views, self.dataset.name
         wanted: list[tuple[int | None, FeatureRequest]] = []  # (client id or None for test, request)
+        if self.partition.shared_images:  # clients share images: ranges of the split, not client shards
+            self._load_shared_train_features(kinds)
+            client_ids = []
         for cid in client_ids:
             shard = self.partition.clients[cid].train_indices
             wanted += [(cid, FeatureRequest(name, f"train/client{cid}", self.dataset.train, shard, views,
@@ -142,7 +148,38 @@ class ClientWorker:
             if self._uses_tokens:
                 self._test_tokens = torch.cat(test["patch_tokens"]).to(self.device)
 
+    def _load_shared_train_features(self, kinds: list[str]) -> None:
+        """Shared partition: the features of every training image some client holds, as cache entries of
+        TEST_CHUNK consecutive images of that set (memory-mapped from the cache; a client's rows are
+        gathered when it runs, so memory holds only the clients of the moment)."""
+        if self._shared_rows is not None:
+            return
+        used = np.unique(self.partition.clients.train_indices).astype(np.int64)
+        views, name, train = self.cfg.data.augment_views, self.dataset.name, self.dataset.train
+        requests = [FeatureRequest(name, "train/shared", train, used[start:start + TEST_CHUNK], views,
+                                   self.cfg.seed, kind)
+                    for start in range(0, len(used), TEST_CHUNK) for kind in kinds]
+        values = self._cache.fetch(requests)
+        self._shared_chunks = {kind: [v for r, v in zip(requests, values) if r.kind == kind] for kind in kinds}
+        self._shared_rows = used
+
+    def _shared_client_features(self, client_id: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        rows = np.searchsorted(self._shared_rows, self.partition.clients[client_id].train_indices)
+        views = self.cfg.data.augment_views > 0
+
+        def gather(chunks: list[torch.Tensor], axis: int) -> torch.Tensor:
+            parts = [chunks[r // TEST_CHUNK].select(axis, int(r % TEST_CHUNK)) for r in rows.tolist()]
+            return torch.stack(parts, dim=axis).to(self.device)
+
+        pooled = gather(self._shared_chunks["pooled"], 1 if views else 0)
+        tokens = gather(self._shared_chunks["patch_tokens"], 1 if views else 0) if self._uses_tokens else None
+        return pooled, tokens
+
     def _client_features(self, client_id: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.partition.shared_images:
+            if self._shared_rows is None:
+                self._load_features([])
+            return self._shared_client_features(client_id)
         if client_id not in self._train_features:
             self._load_features([client_id])
         return self._train_features[client_id], self._train_tokens.get(client_id)
@@ -155,6 +192,9 @@ class ClientWorker:
     def prepare(self, client_ids: list[int] | None = None) -> int:
         """Encode (or read from the cache) the features of these clients (default: all) and of the test
         set now; returns the number of feature rows held."""
+        if self.partition.shared_images:  # every client's images: the shared training features
+            self._load_features([])
+            return len(self._shared_rows) + self._test_features.shape[0]
         ids = list(range(len(self.partition.clients))) if client_ids is None else list(client_ids)
         self._load_features([c for c in ids if c not in self._train_features])
         return sum(self._train_features[c].shape[-2] for c in ids) + self._test_features.shape[0]

@@ -81,7 +81,10 @@ class DataConfig:
     """Dataset and its federated partition.
 
     partition: "pathological" (disjoint base classes per client, SPEC),
-        "dirichlet" (label skew with Dir(beta)) or "domain" (one domain per client).
+        "dirichlet" (label skew with Dir(beta)), "domain" (one domain per client) or "shared"
+        (cross-device populations larger than the dataset: each client draws `classes_per_client` base
+        classes and `shots` images of each; clients share images; docs/SCALE.md).
+    classes_per_client: "shared" partition: base classes per client.
     base_novel: split sorted classes into base (first ceil(n/2)) and novel.
     root: folder holding the dataset's files (real datasets; `~` is expanded). See docs/DATASETS.md.
     skip_bad_images: drop unreadable/truncated images (logged with their paths) instead of stopping.
@@ -104,7 +107,8 @@ class DataConfig:
     dataset: str = _f("world")
     root: str | None = _f(None)
     shots: int = _f(8, lo=1)
-    partition: str = _f("pathological", choices=("pathological", "dirichlet", "domain"))
+    partition: str = _f("pathological", choices=("pathological", "dirichlet", "domain", "shared"))
+    classes_per_client: int = _f(2, lo=1)
     beta: float = _f(0.3, lo=0.0, lo_open=True)
     base_novel: bool = _f(True)
     held_out_domain: str | None = _f(None)
@@ -175,9 +179,18 @@ class FederationConfig:
 
 @dataclass
 class EvaluationConfig:
-    """every: evaluate all clients every N rounds (and always after the last)."""
+    """every: evaluate every N rounds (and always at round 0 and after the last).
+
+    client_fraction: share of the clients evaluated in an evaluation round, sampled with the seed from
+        a stream of its own (training's sample does not change it); 1.0 = every client.
+    num_clients: evaluate this many clients instead (null: use client_fraction).
+    final: the last round's evaluation: "sample" (as every evaluation round) or "all" (every client).
+    """
     every: int = _f(1, lo=1)
     batch_size: int = _f(256, lo=1)
+    client_fraction: float = _f(1.0, lo=0.0, hi=1.0, lo_open=True)
+    num_clients: int | None = _f(None, lo=1)
+    final: str = _f("sample", choices=("sample", "all"))
 
 
 @dataclass

@@ -40,9 +40,10 @@ class RoundListener(Protocol):
 
 
 def build_strategy(cfg: ExperimentConfig) -> FedAvgStrategy:
+    ev = cfg.evaluation
     return FedAvgStrategy(cfg.federation.num_clients, cfg.federation.client_fraction,
-                          cfg.federation.min_reporting_clients, cfg.evaluation.every, num_rounds(cfg), cfg.seed,
-                          cfg.privacy)
+                          cfg.federation.min_reporting_clients, ev.every, num_rounds(cfg), cfg.seed,
+                          cfg.privacy, ev.client_fraction, ev.num_clients, ev.final == "all")
 
 
 def num_rounds(cfg: ExperimentConfig) -> int:

@@ -58,6 +58,34 @@ def sample_clients(num_clients: int, fraction: float, seed: int, rnd: int) -> li
     return sorted(rng.choice(num_clients, size=m, replace=False).tolist())
 
 
+def sample_eval_clients(num_clients: int, fraction: float, count: int | None, seed: int, rnd: int) -> list[int]:
+    """The clients evaluated in round `rnd`: `count` (else max(floor(fraction * K), 1)) without replacement,
+    from a stream of its own seeded by (seed, round); every client when that is all of them."""
+    m = min(count if count is not None else max(int(math.floor(fraction * num_clients)), 1), num_clients)
+    if m >= num_clients:
+        return list(range(num_clients))
+    rng = np.random.default_rng([seed, 11, rnd])
+    return sorted(rng.choice(num_clients, size=m, replace=False).tolist())
+
+
+SPREAD_KEYS = ("local", "base", "novel")
+
+
+def spread_over_clients(per_client: dict[int, dict[str, float]]) -> dict[str, float]:
+    """How an accuracy varies over the evaluated clients: its standard error of the mean (`<key>_se`,
+    sample std / sqrt(n); 0 for one client) and 10th / 50th / 90th percentiles, plus `clients_evaluated`."""
+    out = {"clients_evaluated": float(len(per_client))}
+    for key in SPREAD_KEYS:
+        values = np.array([m[key] for m in per_client.values() if key in m], dtype=np.float64)
+        values = values[~np.isnan(values)]
+        if len(values) == 0:
+            continue
+        out[f"{key}_se"] = float(values.std(ddof=1) / math.sqrt(len(values))) if len(values) > 1 else 0.0
+        for q in (10, 50, 90):
+            out[f"{key}_p{q}"] = float(np.percentile(values, q))
+    return out
+
+
 def summarize_accuracy(per_client: dict[int, dict[str, float]]) -> dict[str, float]:
     """Average each accuracy over clients, then HM3 = HM(local, base, novel) and HM2 = HM(base, novel)."""
     keys = sorted({k for m in per_client.values() for k in m})
@@ -73,15 +101,21 @@ class FedAvgStrategy:
 
     num_clients: K. fraction: share of clients sampled per round (SPEC: without replacement,
     round 0 included). min_reporting: fewest reporting clients for a round to count.
-    evaluate_every: evaluate all clients every N rounds, and always at round 0 and the last.
+    evaluate_every: evaluate every N rounds, and always at round 0 and the last.
+    eval_fraction / eval_count: clients evaluated per evaluation round (sample_eval_clients);
+        final_all: the last round evaluates every client.
     seed: makes sampling reproducible and identical across runtimes.
     privacy: DP-FedAvg when enabled (then `fraction` is the Poisson sampling rate q). With
         max_epsilon, num_rounds is cut to the rounds the budget allows (`stop_message` says so).
     """
 
     def __init__(self, num_clients: int, fraction: float, min_reporting: int, evaluate_every: int,
-                 num_rounds: int, seed: int, privacy: PrivacyConfig | None = None) -> None:
+                 num_rounds: int, seed: int, privacy: PrivacyConfig | None = None, eval_fraction: float = 1.0,
+                 eval_count: int | None = None, final_all: bool = False) -> None:
         self.num_clients = num_clients
+        self.eval_fraction = eval_fraction
+        self.eval_count = eval_count
+        self.final_all = final_all
         self.fraction = fraction
         self.min_reporting = min_reporting
         self.evaluate_every = evaluate_every
@@ -160,10 +194,13 @@ class FedAvgStrategy:
         return new, {**metrics, **privacy_metrics}
 
     def configure_evaluate(self, rnd: int) -> list[int] | None:
-        if rnd == 0 or rnd == self.num_rounds or rnd % self.evaluate_every == 0:
+        if rnd == self.num_rounds and self.final_all:
             return list(range(self.num_clients))
+        if rnd == 0 or rnd == self.num_rounds or rnd % self.evaluate_every == 0:
+            return sample_eval_clients(self.num_clients, self.eval_fraction, self.eval_count, self.seed, rnd)
         return None
 
     def aggregate_evaluate(self, rnd: int, results: list[EvalResult]) -> dict[str, float]:
-        return summarize_accuracy({r.client_id: r.metrics for r in results})
+        per_client = {r.client_id: r.metrics for r in results}
+        return {**summarize_accuracy(per_client), **spread_over_clients(per_client)}
 

@@ -289,7 +289,8 @@ class ImageFeatureCache:
         if not path.is_file():
             return None
         try:
-            data = torch.load(path, weights_only=True, map_location="cpu")
+            # memory-mapped: pages are read when rows are used (a process holds its clients' rows, not the file)
+            data = torch.load(path, weights_only=True, map_location="cpu", mmap=True)
             value = data["value"] if isinstance(data, dict) and data.get("key") == key else None
             rows = None if value is None else value.shape[-3 if fields["kind"] == "patch_tokens" else -2]
             if value is None or rows != fields["images"]:

@@ -5,7 +5,9 @@ All functions are pure and seeded; class order is by label id, never by set iter
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import overload
 
 import numpy as np
 
@@ -41,10 +43,60 @@ class FederatedPartition:
     """
     classnames: list[str]
     train_classes: list[int]
-    clients: list[ClientPartition]
+    clients: Sequence[ClientPartition]
     base: EvalSet
     novel: EvalSet | None
     novel_kind: str = "classes"
+
+    @property
+    def shared_images(self) -> bool:
+        """Clients share training images (the "shared" partition): features are cached per range of the
+        training split, not per client shard."""
+        return isinstance(self.clients, ClientTable)
+
+
+class ClientTable(Sequence[ClientPartition]):
+    """The clients of a large federation as flat index arrays (a few bytes per image, nothing per client
+    beyond its offset and classes); a ClientPartition is built when one client is asked for.
+
+    offsets: int64 [K + 1]; client k's training images are train_indices[offsets[k]:offsets[k + 1]].
+    classes: [K, c] each client's classes (global label ids, sorted per row).
+    test_by_class: label -> sorted test indices of that class (a client's local test set: its classes').
+    eval_classes: the classifier of the local test set (all base classes).
+    """
+
+    def __init__(self, offsets: np.ndarray, train_indices: np.ndarray, classes: np.ndarray,
+                 test_by_class: dict[int, np.ndarray], eval_classes: list[int]) -> None:
+        self.offsets = offsets
+        self.train_indices = train_indices
+        self.classes = classes
+        self.test_by_class = test_by_class
+        self.eval_classes = eval_classes
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    @overload
+    def __getitem__(self, i: int) -> ClientPartition: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> list[ClientPartition]: ...
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        k = int(i) + len(self) if int(i) < 0 else int(i)
+        if not 0 <= k < len(self):
+            raise IndexError(f"client {i} out of range (0..{len(self) - 1})")
+        train = self.train_indices[self.offsets[k]:self.offsets[k + 1]].astype(np.int64)
+        own = self.classes[k].tolist()
+        local = np.sort(np.concatenate([self.test_by_class[c] for c in own]))
+        return ClientPartition(k, train, own, EvalSet(local, self.eval_classes))
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held for all clients (the per-class test lists are data-sized, not client-sized)."""
+        return self.offsets.nbytes + self.train_indices.nbytes + self.classes.nbytes
 
 
 def split_base_novel(num_classes: int) -> tuple[list[int], list[int]]:
@@ -127,6 +179,8 @@ def partition_dataset(dataset: ClassificationDataset, cfg: DataConfig, num_clien
     """Build the federated task described by `cfg` (see DataConfig.partition)."""
     if cfg.partition == "domain":
         return _partition_domains(dataset, cfg, num_clients, seed)
+    if cfg.partition == "shared":
+        return partition_shared(dataset, cfg, num_clients, seed)
     n = len(dataset.classnames)
     base, novel = split_base_novel(n) if cfg.base_novel else (list(range(n)), [])
     rng = np.random.default_rng([seed, 1])
@@ -187,3 +241,55 @@ def _partition_domains(dataset: ClassificationDataset, cfg: DataConfig, num_clie
     base = EvalSet(_test_of(dataset, classes, [names.index(d) for d in train_domains]), classes)
     novel = EvalSet(_test_of(dataset, classes, [names.index(held)]), classes) if held else None
     return FederatedPartition(list(dataset.classnames), classes, clients, base, novel, novel_kind="domain")
+
+
+BLOCK_CLIENTS = 8192  # clients drawn per vectorised block (bounds the temporary [block, base classes] array)
+
+
+def partition_shared(dataset: ClassificationDataset, cfg: DataConfig, num_clients: int,
+                     seed: int) -> FederatedPartition:
+    """Cross-device populations larger than the dataset: each client draws `data.classes_per_client`
+    distinct base classes uniformly, and for each a window of `shots` consecutive images of that class's
+    shuffled training pool (wrapping around), so images are shared between clients but distinct
+    within one. Local test: every test image of the client's classes. Built with array operations only
+    (no Python work per client) into a ClientTable."""
+    n = len(dataset.classnames)
+    base, novel = split_base_novel(n) if cfg.base_novel else (list(range(n)), [])
+    per_client = cfg.classes_per_client
+    if per_client > len(base):
+        raise DataError(f"data.classes_per_client ({per_client}) exceeds the {len(base)} base classes: lower it "
+                        f"or use more classes")
+    labels = dataset.train.labels
+    rng = np.random.default_rng([seed, 4])
+    pools = [rng.permutation(np.flatnonzero(labels == c)) for c in base]
+    empty = [dataset.classnames[c] for c, pool in zip(base, pools) if len(pool) == 0]
+    if empty:
+        raise DataError(f"base class {empty[0]!r} has no training images: data.partition 'shared' needs images "
+                        f"of every base class")
+    pool_size = np.array([len(p) for p in pools], dtype=np.int64)
+    pool_start = np.concatenate([[0], np.cumsum(pool_size)[:-1]])
+    pool_flat = np.concatenate(pools)
+    # each client's classes (positions in `base`): the first c of a random permutation of the base classes
+    slots = np.empty((num_clients, per_client), dtype=np.int64)
+    for begin in range(0, num_clients, BLOCK_CLIENTS):
+        end = min(begin + BLOCK_CLIENTS, num_clients)
+        keys = rng.random((end - begin, len(base)), dtype=np.float32)
+        slots[begin:end] = np.sort(np.argpartition(keys, per_client - 1, axis=1)[:, :per_client], axis=1)
+    slot = slots.ravel()                                         # [K * c] (client, class) pairs
+    take = np.minimum(cfg.shots, pool_size[slot])
+    start = (rng.random(len(slot)) * pool_size[slot]).astype(np.int64)
+    pair = np.repeat(np.arange(len(slot)), take)
+    within = np.arange(len(pair)) - np.repeat(np.cumsum(take) - take, take)
+    images = pool_flat[pool_start[slot[pair]] + (start[pair] + within) % pool_size[slot[pair]]]
+    client = pair // per_client
+    order = np.lexsort((images, client))                         # sorted by client, then image index
+    index_dtype = np.int32 if len(labels) < 2**31 else np.int64
+    counts = take.reshape(num_clients, per_client).sum(axis=1)
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    base_ids = np.asarray(base, dtype=np.int16 if n < 2**15 else np.int32)
+    test_labels = dataset.test.labels
+    test_by_class = {c: np.flatnonzero(test_labels == c) for c in base}
+    table = ClientTable(offsets, images[order].astype(index_dtype), base_ids[slots], test_by_class, base)
+    novel_set = EvalSet(_test_of(dataset, novel), novel) if novel else None
+    return FederatedPartition(list(dataset.classnames), base, table, EvalSet(_test_of(dataset, base), base),
+                              novel_set)
