@@ -5,8 +5,9 @@ and nothing else), so it works the same with every runtime. It imports mlflow on
 is on (`tracking.mlflow: true`). The MLflow Projects entry point is `fedpgp_ray.mlflow_project`.
 
 Store (first that applies): $MLFLOW_TRACKING_URI, `tracking.uri`, on resume the store the run
-was logged to, else `sqlite:///<parent of output_dir>/mlflow.db` (`<CWD>/mlflow.db` for a URI
-output_dir), artifacts in `mlartifacts/` beside the database: runs under one folder share a store.
+was logged to, else the workspace's store (`fedpgp_ray.workspace`: `<CWD>/mlflow.db` for runs under
+the current directory, `~/.fedpgp-ray/mlflow.db` for a URI output_dir), artifacts in `mlartifacts/`
+beside the database.
 Run: $MLFLOW_RUN_ID (how `mlflow run` hands its run over), on `--resume` the run saved in
 `<output_dir>/mlflow_run.json`, else a new run in $MLFLOW_EXPERIMENT_ID / $MLFLOW_EXPERIMENT_NAME
 or `tracking.experiment`. The store is checked at start-up: an unreachable server or an unusable
@@ -40,11 +41,11 @@ from fedpgp_ray.config import ExperimentConfig, config_to_dict, flatten
 from fedpgp_ray.messages import one_line
 from fedpgp_ray.storage import RunStorage, StorageError, is_uri
 from fedpgp_ray.tracking_io import BackgroundWriter, check_sqlite_store, probe_settings
+from fedpgp_ray.workspace import default_store_path, in_ray_job_package
 
 log = logging.getLogger(__name__)
 
 RUN_FILE = "mlflow_run.json"        # in output_dir: run id, experiment id and store of the run
-DB_FILE = "mlflow.db"               # default store, in the parent of output_dir
 ARTIFACT_DIR = "mlartifacts"        # artifacts of experiments created in a SQLite store, beside the DB
 PARAM_PREFIX = "cfg."               # config params never clash with `mlflow run -P` params
 STEP_MARKER = "round_seconds"       # logged last for every round: its steps are the rounds logged
@@ -78,12 +79,9 @@ class TrackingError(RuntimeError):
 
 # -- store and run resolution ------------------------------------------------------------------------
 def default_tracking_uri(output_dir: str | Path) -> str:
-    """The store when none is given: `sqlite:///<parent of output_dir>/mlflow.db` for a local
-    output_dir, so that runs under one folder (runs/a, runs/b) share one store and appear side by
-    side; `sqlite:///<CWD>/mlflow.db` for a URI output_dir (s3://...). Absolute SQLite URIs have
-    four slashes."""
-    base = Path.cwd() if is_uri(output_dir) else Path(output_dir).resolve().parent
-    return "sqlite:///" + str(base / DB_FILE)
+    """The store when none is given: the workspace's SQLite store (`fedpgp_ray.workspace`).
+    Absolute SQLite URIs have four slashes."""
+    return "sqlite:///" + str(default_store_path(output_dir))
 
 
 def _normalize_uri(uri: str) -> str:
@@ -96,6 +94,10 @@ def _normalize_uri(uri: str) -> str:
                                     f"directory is a temporary copy: pass an absolute URI "
                                     f"(sqlite:////abs/path/mlflow.db or http://host:port) in runtime_env")
             uri = "sqlite:///" + str(Path(path).resolve()) + (f"?{query}" if query else "")
+    if uri.startswith("sqlite:///") and in_ray_job_package(uri[len("sqlite:///"):].partition("?")[0]):
+        raise TrackingError(f"tracking store {uri} is inside Ray's temporary job directory, which is deleted "
+                            f"with the job: name a lasting store (sqlite:////abs/path/mlflow.db or "
+                            f"http://host:port) in MLFLOW_TRACKING_URI or tracking.uri")
     scheme = urllib.parse.urlparse(uri).scheme
     is_file = scheme in ("", "file") or len(scheme) == 1  # a bare path, file:, or a Windows drive
     if is_file and not uri.startswith("databricks") and os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() != "true":
@@ -438,8 +440,16 @@ def _open_run(client: Any, cfg: ExperimentConfig, resume: bool, saved: dict[str,
         experiment_id, tags["mlflow.parentRunId"] = parent.info.experiment_id, env_run
     else:
         experiment_id = _experiment_id(client, cfg, uri)
-    name = f"{cfg.algorithm.name}-{Path(out).name}"
+    name = f"{cfg.algorithm.name}-{run_dir_name(cfg.output_dir)}"
     return client.create_run(experiment_id, run_name=name, tags=tags), False
+
+
+def run_dir_name(output_dir: str | Path) -> str:
+    """The last part of output_dir for run names: for a URI without its query (credentials, endpoints)."""
+    text = str(output_dir)
+    if is_uri(text):
+        text = urllib.parse.urlsplit(text).path
+    return Path(text.rstrip("/")).name or "run"
 
 
 def _get_run(client: Any, run_id: str, uri: str, origin: str) -> Any:

@@ -120,7 +120,7 @@ def test_uri_rules(tmp_path, monkeypatch):
     # the default store sits beside the run directory: runs under one folder share it
     assert tracking.resolve_tracking_uri(cfg) == f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.chdir(tmp_path / "..")
-    assert tracking.default_tracking_uri("s3://bucket/runs/a") == f"sqlite:///{(tmp_path / '..').resolve() / 'mlflow.db'}"
+    assert tracking.default_tracking_uri("s3://bucket/runs/a") == f"sqlite:///{Path.home() / '.fedpgp-ray' / 'mlflow.db'}"
     monkeypatch.chdir(tmp_path)
     cfg.tracking.uri = "sqlite:///rel/mlflow.db"
     assert tracking.resolve_tracking_uri(cfg) == f"sqlite:///{tmp_path / 'rel' / 'mlflow.db'}"

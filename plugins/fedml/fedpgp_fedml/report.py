@@ -5,9 +5,10 @@
 * at the end, the final Local / Base / Novel / HM3 / HM2 table (`fedpgp_ray.run.format_table`);
 * results.json, the CSV / Markdown tables and the figures in the run directory
   (`fedpgp_output_dir`, our `output_dir`), as `fedpgp-ray run` writes them;
-* an MLflow run (`fedpgp_config.tracking`, on by default; the store rule is ours:
-  `sqlite:///<parent of output_dir>/mlflow.db` unless MLFLOW_TRACKING_URI or tracking.uri say
-  otherwise), logged through our tracker (`fedpgp_ray.tracking`).
+* an MLflow run (`fedpgp_config.tracking`, on by default; the store rule is ours, the workspace's
+  store `fedpgp_ray.workspace`: `./mlflow.db` for an output_dir under the current directory,
+  unless MLFLOW_TRACKING_URI or tracking.uri say otherwise), logged through our tracker
+  (`fedpgp_ray.tracking`).
 
 Clients never write any of this: in cross-silo they send their evaluation to the server with
 their upload (see `fedpgp_fedml.trainer` and `fedpgp_fedml.registry`).

@@ -90,9 +90,9 @@ def test_cross_silo_example_prints_results_on_the_server_and_logs_one_run(exampl
     assert "exit codes [0, 0, 0]" in stdout
     check_example(stdout, examples / "outputs" / "cross_silo", config["train_args"]["client_num_in_total"], config)
 
-    # one store beside both folders; each example is one run there (the silos log nothing)
+    # one store for the workspace (the examples folder) ; each example is one run there (the silos log nothing)
     from mlflow import MlflowClient
-    client = MlflowClient(f"sqlite:///{examples / 'outputs' / 'mlflow.db'}")
+    client = MlflowClient(f"sqlite:///{examples / 'mlflow.db'}")
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     names = sorted(r.info.run_name for r in runs)
     assert names == sorted(n for n in ("fedpgp-sp", "fedpgp-cross_silo")
