@@ -365,6 +365,7 @@ def compare(base: ExperimentConfig, specs: list[AlgorithmSpec], seeds: list[int]
             progress: bool = True, reuse: bool = False, echo=print) -> dict[str, Any]:
     """Run every (algorithm, seed), write the comparison files in `out`, and return the document."""
     from fedpgp_ray.run import run_experiment
+    from fedpgp_ray.runtime.shared_ray import start_ray_once
 
     out = Path(out).resolve()
     began = time.perf_counter()
@@ -378,7 +379,7 @@ def compare(base: ExperimentConfig, specs: list[AlgorithmSpec], seeds: list[int]
     backbone = backbone_identity(base)  # the same for every run: checked before each one
     runs: list[dict[str, Any]] = []
     ok = False
-    ray_started = _start_ray_once(base)
+    ray_started = start_ray_once(base)
     try:
         for i, (seed, spec, cfg) in enumerate(plan, 1):
             tick = time.perf_counter()
@@ -435,23 +436,6 @@ def compare(base: ExperimentConfig, specs: list[AlgorithmSpec], seeds: list[int]
         parent.finish(base, doc, files)
         doc["mlflow_parent_run_id"] = parent.run_id
     return doc
-
-
-def _start_ray_once(cfg: ExperimentConfig) -> bool:
-    """With runtime.kind=ray and no cluster to attach to, start one local Ray for all runs (each run's
-    runtime attaches to it instead of starting and stopping its own). True when started here."""
-    if cfg.runtime.kind != "ray":
-        return False
-    import ray
-
-    if ray.is_initialized() or cfg.runtime.address or os.environ.get("RAY_ADDRESS"):
-        return False
-    need = math.ceil(cfg.runtime.num_actors * cfg.runtime.num_cpus_per_actor)
-    try:
-        ray.init(num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False)
-    except ValueError:  # a `ray start` cluster on this machine: let each run attach to it
-        return False
-    return True
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -199,7 +199,9 @@ class RuntimeConfig:
 
     kind: "local" (in-process, sequential) or "ray" (client actors).
     num_actors: size of the Ray client-actor pool.
-    num_cpus_per_actor / num_gpus_per_actor: Ray resources per actor (fractional GPUs).
+    num_cpus_per_actor / num_gpus_per_actor: Ray resources per actor (fractional GPUs); the CPUs of
+        the in-process worker too (runtime.kind local).
+    threads_per_worker: torch threads per worker (0: floor(num_cpus_per_actor), at least 1).
     address: Ray cluster to attach to (null: RAY_ADDRESS, a running cluster, or a new local one).
     max_client_retries: attempts for a client whose actor died, before it is dropped.
     placement_timeout_s: fail start-up if the actors cannot be placed in this time.

@@ -121,6 +121,10 @@ def _run_in_dir(cfg: ExperimentConfig, resume: bool, progress: bool, listeners: 
     store = CheckpointStore(storage.child("checkpoints"))
     saved = store.latest_server() if resume else None
     start = saved["round"] + 1 if saved else 0
+    if resume:  # a resume starts the runtime before its first round: say what is coming
+        left = num_rounds(cfg) - start + 1
+        status(f"resume: rounds 0-{start - 1} are checkpointed; " + (
+            f"{left} round(s) to go" if left > 0 else "no round left to train: rebuilding the results"))
     extra = [listener for factory in LISTENER_FACTORIES for listener in factory(cfg, resume)]
     # Start-up (Ray, actors, backbone, image features) says what it does; the round bar comes after it.
     status(f"{cfg.algorithm.name}: starting the {cfg.runtime.kind} runtime "
@@ -136,6 +140,8 @@ def _run_in_dir(cfg: ExperimentConfig, resume: bool, progress: bool, listeners: 
         for listener in extra:
             getattr(listener, "close", lambda: None)()
         raise
+    status(f"{cfg.algorithm.name}: writing results.json, tables and figures"
+           + (" and logging to MLflow" if extra else ""))
     storage.write_text(RESULTS_FILE, json.dumps(results, indent=2))
     write_report(storage, results)
     for listener in extra:
@@ -231,8 +237,10 @@ def main(argv: list[str] | None = None) -> int:
                                     output_dir=join_location(cfg.output_dir, name)) for name in names]
         if args.output:
             check_writable(Path(args.output).resolve().parent)
-        docs = [run_experiment(c, resume=bool(args.resume), progress=not args.no_progress, overwrite=args.overwrite)
-                for c in cfgs]
+        from fedpgp_ray.runtime.shared_ray import one_ray_for_all_runs
+        with one_ray_for_all_runs(cfgs):  # --algorithms on Ray: one local instance for all of them
+            docs = [run_experiment(c, resume=bool(args.resume), progress=not args.no_progress,
+                                   overwrite=args.overwrite) for c in cfgs]
     except user_errors() as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -278,6 +278,9 @@ class MlflowTracker:
         if self.cfg.tracking.log_models:  # the trained classifiers as registered MLflow Models
             from fedpgp_ray.serving import log_tracker_models
 
+            print(f"MLflow: logging and registering the classifiers as MLflow Models "
+                  f"({self.cfg.federation.num_clients} clients + the global one)", file=sys.stderr, flush=True)
+
             log_tracker_models(self, results)
         self.end_seconds = time.perf_counter() - began
         from mlflow.entities import Metric

@@ -1,12 +1,15 @@
 """The runtime interface: where and how client work runs (in-process, Ray actors, ...)."""
 from __future__ import annotations
 
+import math
 import sys
+import time
 from abc import ABC, abstractmethod
 
 from fedpgp_ray.algorithms import Params
 from fedpgp_ray.client import EvalResult, FitResult
 from fedpgp_ray.checkpoint import CheckpointStore
+from fedpgp_ray.config import RuntimeConfig
 from fedpgp_ray.server import Server
 from fedpgp_ray.strategy import ClientFailure, FedAvgStrategy
 
@@ -14,6 +17,33 @@ from fedpgp_ray.strategy import ClientFailure, FedAvgStrategy
 def status(message: str) -> None:
     """A start-up step (Ray, actors, backbone, image features), on stderr beside the progress bar."""
     print(message, file=sys.stderr, flush=True)
+
+
+PROGRESS_EVERY_S = 10.0  # a round that takes longer says how far it is, at most this often
+
+
+class RoundProgress:
+    """`round 3 fit: 4/10 clients done (42 s)` on stderr as clients finish, at most every `every_s`
+    seconds: silent in short rounds, a sign of life in long ones (counts only: never a loop over clients)."""
+
+    def __init__(self, rnd: int, phase: str, total: int, every_s: float | None = None) -> None:
+        self.rnd, self.phase, self.total = rnd, phase, total
+        self.every_s = PROGRESS_EVERY_S if every_s is None else every_s
+        self.began = self.last = time.monotonic()
+
+    def client_done(self, done: int) -> None:
+        now = time.monotonic()
+        if done < self.total and now - self.last >= self.every_s:
+            status(f"round {self.rnd} {self.phase}: {done}/{self.total} clients done ({now - self.began:.0f} s)")
+            self.last = now
+
+
+def worker_threads(rc: RuntimeConfig) -> int:
+    """Torch threads of one worker (a Ray client actor, or the in-process worker), from the CPUs it
+    was given: `threads_per_worker` when set, else floor(num_cpus_per_actor), at least 1. Never
+    torch's default (every core per process), which oversubscribes a machine running several
+    workers or other jobs: spinning OpenMP threads then slow a round down many times."""
+    return rc.threads_per_worker or max(int(math.floor(rc.num_cpus_per_actor)), 1)
 
 
 class Runtime(ABC):

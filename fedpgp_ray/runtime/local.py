@@ -7,16 +7,16 @@ from fedpgp_ray.algorithms import Params
 from fedpgp_ray.checkpoint import CheckpointStore
 from fedpgp_ray.client import ClientWorker, EvalResult, FitResult
 from fedpgp_ray.config import ExperimentConfig
-from fedpgp_ray.runtime.base import Runtime, status
+from fedpgp_ray.runtime.base import RoundProgress, Runtime, status, worker_threads
 from fedpgp_ray.strategy import ClientFailure
 
 
 class LocalRuntime(Runtime):
-    """Sequential clients in this process. threads: torch intra-op threads (0 = torch's default)."""
+    """Sequential clients in this process, with the torch threads its resources give
+    (`worker_threads`: runtime.threads_per_worker, else floor(runtime.num_cpus_per_actor))."""
 
     def __init__(self, cfg: ExperimentConfig, store: CheckpointStore | None, cache_dir: str | None) -> None:
-        if cfg.runtime.threads_per_worker:
-            torch.set_num_threads(cfg.runtime.threads_per_worker)
+        torch.set_num_threads(worker_threads(cfg.runtime))
         status("local runtime: loading the backbone, reading (or encoding, once) the image features")
         self.worker = ClientWorker(cfg, store=store, cache_dir=cache_dir)
         self.worker.prepare()
@@ -29,8 +29,16 @@ class LocalRuntime(Runtime):
 
     def fit(self, rnd: int, client_ids: list[int], global_params: Params
             ) -> tuple[list[FitResult], list[ClientFailure]]:
-        return [self.worker.fit(cid, rnd, global_params) for cid in client_ids], []
+        return self._each(rnd, "fit", client_ids, lambda cid: self.worker.fit(cid, rnd, global_params)), []
 
     def evaluate(self, rnd: int, client_ids: list[int], global_params: Params
                  ) -> tuple[list[EvalResult], list[ClientFailure]]:
-        return [self.worker.evaluate(cid, rnd, global_params) for cid in client_ids], []
+        return self._each(rnd, "evaluate", client_ids, lambda cid: self.worker.evaluate(cid, rnd, global_params)), []
+
+    @staticmethod
+    def _each(rnd: int, phase: str, client_ids: list[int], work) -> list:
+        progress, done = RoundProgress(rnd, phase, len(client_ids)), []
+        for cid in client_ids:
+            done.append(work(cid))
+            progress.client_done(len(done))
+        return done

@@ -53,7 +53,7 @@ from fedpgp_ray.algorithms import Params
 from fedpgp_ray.checkpoint import CheckpointStore
 from fedpgp_ray.client import ClientWorker, EvalResult, FitResult
 from fedpgp_ray.config import ConfigError, ExperimentConfig
-from fedpgp_ray.runtime.base import Runtime, status
+from fedpgp_ray.runtime.base import RoundProgress, Runtime, status, worker_threads
 from fedpgp_ray.server import Server
 from fedpgp_ray.storage import StorageError
 from fedpgp_ray.strategy import ClientFailure, FedAvgStrategy
@@ -354,7 +354,7 @@ class RayRuntime(Runtime):
         self.cache_dir = cache_dir
         self.faults = faults if faults is not None else FaultPlan.from_json(os.environ.get(FAULTS_ENV))
         self.num_actors = self.rc.num_actors
-        self.threads = self.rc.threads_per_worker or max(int(math.floor(self.rc.num_cpus_per_actor)), 1)
+        self.threads = worker_threads(self.rc)
         self.actors: list[Any] = []
         self.actor_info: list[dict[str, Any]] = []
         self.server_actor = None
@@ -552,6 +552,7 @@ class RayRuntime(Runtime):
         counters = {"actor_restarts": 0.0, "client_retries": 0.0, "clients_failed": 0.0, "tasks_timed_out": 0.0}
         slot_free_at = {s: time.monotonic() for s in range(self.num_actors)}  # when its last task ended
         starting: dict[Any, tuple[int, float]] = {}  # start-up (prepare) of replacement actors -> (slot, since)
+        progress = RoundProgress(rnd, method, len(client_ids))
 
         def submit(slot: int) -> None:
             while queues[slot] and sum(t.slot == slot for t in inflight.values()) < PIPELINE_DEPTH:
@@ -635,6 +636,7 @@ class RayRuntime(Runtime):
             task = inflight.pop(ref)
             try:
                 results[task.client_id] = ray.get(ref)
+                progress.client_done(len(results))
                 now = time.monotonic()
                 self._slowest_task_s = max(self._slowest_task_s, now - max(task.submitted, slot_free_at[task.slot]))
                 slot_free_at[task.slot] = now
