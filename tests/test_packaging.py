@@ -128,7 +128,7 @@ def test_algorithm_core_imports_no_ray_mlflow_or_fedml_and_ray_stays_in_its_file
         assert not bad, f"{path.relative_to(REPO)} imports {bad}"
     ray_users = {str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py")
                  if any(m.split(".")[0] == "ray" for m in _imports(p))}
-    assert ray_users <= {"runtime/ray.py", "compare.py", "bench.py"}, ray_users
+    assert ray_users <= {"runtime/ray.py", "runtime/shared_ray.py", "compare.py", "bench.py"}, ray_users
 
 
 def test_no_import_cycles_in_the_package():
@@ -150,23 +150,25 @@ def test_no_import_cycles_in_the_package():
             visit(m, [])
 
 
-def test_setup_declares_no_fedml_extra_and_ships_the_configs():
-    text = (REPO / "setup.py").read_text()
-    assert not re.search(r'"fedml"\s*:', text)  # FedML's pins cannot resolve beside MLflow 3: no extra
+def test_metadata_declares_no_fedml_extra_and_ships_the_configs():
+    text = (REPO / "pyproject.toml").read_text()
+    assert not re.search(r'^fedml\s*=', text, re.M)  # FedML's pins cannot resolve beside MLflow 3: no extra
     assert (PACKAGE / "configs").resolve() == (REPO / "configs").resolve()  # one config tree
 
 
 @pytest.mark.slow
-def test_the_wheel_ships_configs_weights_and_the_console_script(tmp_path):
-    source = tmp_path / "src"  # a copy: the build leaves build/ and *.egg-info beside setup.py
+def test_the_wheel_ships_configs_weights_and_the_console_script_and_leaves_the_checkout_clean(tmp_path):
+    source = tmp_path / "src"  # a copy of the checkout's files the build reads
     source.mkdir()
-    for name in ("setup.py", "requirements.txt", "requirements-test.txt"):
+    for name in ("pyproject.toml", "setup.py", "README.md", "LICENSE"):
         shutil.copy2(REPO / name, source / name)
     shutil.copytree(REPO / "configs", source / "configs")
     shutil.copytree(PACKAGE, source / "fedpgp_ray", symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
+    before = sorted(p.relative_to(source) for p in source.rglob("*"))
     out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
                           "-w", str(tmp_path / "dist"), str(source)], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
+    assert sorted(p.relative_to(source) for p in source.rglob("*")) == before  # no build/, no *.egg-info
     (wheel,) = (tmp_path / "dist").glob("fedpgp_ray-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     for name in packaged_configs():
@@ -174,6 +176,31 @@ def test_the_wheel_ships_configs_weights_and_the_console_script(tmp_path):
     assert {"fedpgp_ray/clip/weights/fedpgp-world.pt", "fedpgp_ray/clip/weights/shipped.json"} <= names
     entry = next(n for n in names if n.endswith("entry_points.txt"))
     assert "fedpgp-ray = fedpgp_ray.cli:main" in zipfile.ZipFile(wheel).read(entry).decode()
+    meta = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("/METADATA"))).decode()
+    header = meta.split("\n\n", 1)[0]
+    assert "License-Expression: MIT" in header and "Description-Content-Type: text/markdown" in header
+    assert "Requires-Python: <3.13,>=3.11" in header  # 3.12 too: every dependency has its wheels
+    requires = [line for line in header.splitlines() if line.startswith("Requires-Dist:")]
+    assert requires and not any("==" in line.split(";")[0] for line in requires), requires  # ranges; the lock is requirements.txt
+    assert "# Pinned runtime stack" in (REPO / "requirements.txt").read_text()
+
+
+def test_the_lock_file_satisfies_the_declared_ranges():
+    """requirements.txt (what CI installs) stays inside pyproject.toml's ranges."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    declared = {Requirement(d).name.lower().replace("_", "-"): Requirement(d)
+                for d in tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]}
+    for line in (REPO / "requirements.txt").read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if "==" not in line:
+            continue
+        pinned = Requirement(line)
+        version = str(next(iter(pinned.specifier))).lstrip("=")
+        name = pinned.name.lower().replace("_", "-")
+        assert declared[name].specifier.contains(version), (name, version, declared[name])
 
 
 # -- figures -----------------------------------------------------------------------------------------------
