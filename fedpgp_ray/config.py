@@ -232,6 +232,8 @@ class TrackingConfig:
     config_file: the config the experiment was loaded from (set by load_config; logged as a tag).
     log_models: at the end of the run, log each client's classifier and the global one as MLflow
         Models and register them (`<experiment>-client-<id>`, `<experiment>-global`; docs/SERVING.md).
+    system_metrics: log the driver's CPU, memory, disk and network use as `system/*` metrics
+        (MLflow's system metrics monitor, every 10 s); off unless asked for.
     """
     mlflow: bool = _f(True)
     experiment: str = _f("fedpgp-ray")
@@ -239,6 +241,7 @@ class TrackingConfig:
     uri: str | None = _f(None)
     config_file: str | None = _f(None)
     log_models: bool = _f(True)
+    system_metrics: bool = _f(False)
 
 
 @dataclass

@@ -40,6 +40,7 @@ import yaml
 from fedpgp_ray.config import ExperimentConfig, config_to_dict, flatten
 from fedpgp_ray.messages import one_line
 from fedpgp_ray.storage import RunStorage, StorageError, is_uri
+from fedpgp_ray.tracking_data import dataset_input, start_system_metrics
 from fedpgp_ray.tracking_io import BackgroundWriter, check_sqlite_store, probe_settings
 from fedpgp_ray.workspace import default_store_path, in_ray_job_package
 
@@ -239,6 +240,7 @@ class MlflowTracker:
         self.output_dir = self.storage.display()
         self.last_round = num_rounds(cfg)
         self.logged_steps = set(logged_steps)
+        self.system_monitor: Any = None  # tracking.system_metrics: MLflow's SystemMetricsMonitor
         # Writes go through one background thread (fedpgp_ray.tracking_io): a store that goes away
         # mid-run never blocks a round; its points are retried and written once it is back.
         self.writer = BackgroundWriter(uri)
@@ -294,6 +296,7 @@ class MlflowTracker:
         if not self.flush(END_WAIT_S):
             self._report_unwritten()
             return
+        self.stop_system_metrics()
         self.writer.stop()
         try:
             self.client.set_terminated(self.run_id, "FINISHED")
@@ -305,7 +308,13 @@ class MlflowTracker:
     def close(self) -> None:
         """Give MLflow its own retry settings back without finishing the run (it stopped with an
         error, and the process may go on: a notebook, a test session); the exit hook marks it FAILED."""
+        self.stop_system_metrics()
         self.writer.restore_settings()
+
+    def stop_system_metrics(self) -> None:
+        if self.system_monitor is not None:
+            self.system_monitor.finish()
+            self.system_monitor = None
 
     # Writing ----------------------------------------------------------------------------------------
     def queue_round(self, rnd: int, metrics: dict[str, float]) -> None:
@@ -488,6 +497,8 @@ def start_tracker(cfg: ExperimentConfig, resume: bool = False) -> MlflowTracker:
             logged = {m.step for m in client.get_metric_history(run_id, STEP_MARKER)} if reused else set()
             _log_params_and_tags(client, run, cfg)
             client.log_text(run_id, yaml.safe_dump(config_to_dict(cfg), sort_keys=False), "config/config.yaml")
+            if not reused:  # the data as an MLflow dataset input (name, source, digest of the task)
+                client.log_inputs(run_id, datasets=[dataset_input(cfg)])
             if run.info.status != "RUNNING":
                 client.update_run(run_id, status="RUNNING")
     except TrackingError:
@@ -498,6 +509,8 @@ def start_tracker(cfg: ExperimentConfig, resume: bool = False) -> MlflowTracker:
     out.write_text(RUN_FILE, json.dumps({"run_id": run_id, "experiment_id": run.info.experiment_id,
                                         "tracking_uri": uri}, indent=2) + "\n")
     tracker = MlflowTracker(cfg, client, run, uri, logged)
+    if cfg.tracking.system_metrics:  # opt-in: MLflow's monitor of CPU, memory, disk, network
+        tracker.system_monitor = start_system_metrics(run_id, uri, resume=reused)
     for earlier in list(_unfinished):  # an earlier, crashed tracker of this run in this process
         if earlier.run_id == tracker.run_id:
             earlier.finished = True

@@ -1,6 +1,7 @@
 """One tracking store per workspace: every entry point resolves the same default store."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -56,3 +57,36 @@ def test_mlflow_cli_default_is_the_workspace_store(tmp_path):
                          env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}, timeout=120)
     uri = out.stdout.strip().splitlines()[-1]
     assert uri.startswith("sqlite:") and Path(uri.split("sqlite:///")[-1]).resolve() == tmp_path / "mlflow.db"
+
+
+@pytest.mark.slow
+def test_a_tracked_run_records_its_dataset_and_system_metrics_on_request(tmp_path, monkeypatch):
+    """mlflow.data dataset input on every tracked run; system metrics only with tracking.system_metrics."""
+    from mlflow import MlflowClient
+
+    from fedpgp_ray.config import config_from_dict
+    from fedpgp_ray.run import run_experiment
+    from fedpgp_ray.tracking_data import dataset_digest
+
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")
+    small = {"seed": 0, "model": {"pretrained": None}, "algorithm": {"n_ctx": 4},
+             "data": {"dataset": "world", "shots": 2, "world": {"num_classes": 12, "train_per_class": 4,
+                                                                 "test_per_class": 4}},
+             "train": {"rounds": 2, "local_epochs": 1, "batch_size": 8, "lr": 0.002},
+             "federation": {"num_clients": 3}, "tracking": {"log_models": False}}
+    ids = {}
+    for system in (False, True):
+        cfg = config_from_dict({**small, "output_dir": str(tmp_path / "runs" / f"s{int(system)}")},
+                               [f"tracking.system_metrics={str(system).lower()}"])
+        run_experiment(cfg, progress=False)
+        ids[system] = json.loads((tmp_path / "runs" / f"s{int(system)}" / "mlflow_run.json").read_text())["run_id"]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    for system, run_id in ids.items():
+        run = client.get_run(run_id)
+        (inp,) = run.inputs.dataset_inputs
+        assert inp.dataset.name == "world-pathological" and inp.dataset.digest == dataset_digest(cfg)
+        assert [(t.key, t.value) for t in inp.tags] == [("mlflow.data.context", "federated")]
+        has_system = any(k.startswith("system/") for k in run.data.metrics)
+        assert has_system == system, sorted(run.data.metrics)
