@@ -91,6 +91,8 @@ def run_readme(tmp_path: Path, home: Path) -> None:
         assert doc["runtime"] == "ray" and [r["round"] for r in doc["rounds"]][-1] == doc["config"]["train"]["rounds"]
         assert doc["rounds"][-1]["metrics"]["clients_reported"] == 10
         assert "fedpgp round 1/" in log  # --no-progress: one line per round in the job's log
+        # the job logs into the workspace's store (named in the job's env_vars), not one beside runs/
+        assert (work / "mlflow.db").is_file() and not (work / "runs" / "mlflow.db").exists()
         deadline = time.monotonic() + 60
         while leftovers(home) and time.monotonic() < deadline:
             time.sleep(2)
