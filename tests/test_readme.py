@@ -30,6 +30,9 @@ def readme_block() -> str:
 
 def test_readme_commands_run_in_order_and_share_one_store(tmp_path):
     work = repo_copy(tmp_path / "repo")
+    link = work / "fedpgp_ray" / "configs"  # a link in git (to ../configs): repo_copy copies plain files only
+    if not link.exists():
+        link.symlink_to(Path("..") / "configs")
     (work / ".venv").symlink_to(VENV)  # `make run` would create it; the suite's own environment stands in
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_", "VIRTUAL_ENV"))}
     env.update(PYTHONPATH=str(work))  # this copy's package, not an installed one

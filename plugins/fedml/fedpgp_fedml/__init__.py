@@ -13,12 +13,18 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from fedpgp_fedml.config import FedMLConfigError, experiment_config_from_args, load_arguments
-from fedpgp_fedml.registry import fedml_home, register, registered, unregister
-
 __version__ = "0.1.0"
 
+# Everything is imported on first use: `python -m fedpgp_fedml.crosssilo --help` (which imports this
+# package first) must not pay for torch, open_clip or FedML.
 _LAZY = {
+    "FedMLConfigError": "fedpgp_fedml.config",
+    "experiment_config_from_args": "fedpgp_fedml.config",
+    "load_arguments": "fedpgp_fedml.config",
+    "fedml_home": "fedpgp_fedml.home",
+    "register": "fedpgp_fedml.registry",
+    "registered": "fedpgp_fedml.registry",
+    "unregister": "fedpgp_fedml.registry",
     "FedPGPClientTrainer": "fedpgp_fedml.trainer",
     "FedPGPServerAggregator": "fedpgp_fedml.aggregator",
     "FedPGPSimulator": "fedpgp_fedml.simulator",
@@ -39,9 +45,9 @@ def __getattr__(name: str) -> Any:
 
 def load_data(args: Any):
     """FedML's 8-item dataset list of our federated task for these args (what FedMLRunner takes)."""
+    from fedpgp_fedml.config import experiment_config_from_args
     from fedpgp_fedml.data import fedml_dataset
     return fedml_dataset(experiment_config_from_args(args))
 
 
-__all__ = ["FedMLConfigError", "experiment_config_from_args", "fedml_home", "load_arguments", "load_data",
-           "register", "registered", "unregister", *_LAZY]
+__all__ = ["load_data", *_LAZY]

@@ -342,7 +342,7 @@ def prepare_args(args: Any) -> Any:
     torch.manual_seed(seed)
     mlops.pre_setup(args)  # FedML's mlops helpers read their args from here; with using_mlops off they are no-ops
     if getattr(args, "fedpgp_fedml_home", None):
-        from fedpgp_fedml.registry import set_fedml_home
+        from fedpgp_fedml.home import set_fedml_home
         set_fedml_home(args.fedpgp_fedml_home)
     return args
 

@@ -42,47 +42,11 @@ from fedpgp_ray.config import AlgorithmConfig
 
 from fedpgp_fedml.config import (FEDML_CROSS_SILO_OPTIMIZERS, FEDML_OPTIMIZERS, FEDML_SP_OPTIMIZERS, REGISTERED,
                                  FedMLConfigError, get, unknown_algorithm_message)
+from fedpgp_fedml.home import fedml_home, home_redirect, set_fedml_home
 
 log = logging.getLogger(__name__)
 
-HOME_ENV = "FEDPGP_FEDML_HOME"
 _originals: dict[str, tuple[Any, str, Any]] = {}
-_home: Path | None = None
-
-
-# -- FedML's home folder --------------------------------------------------------------------------------
-def fedml_home(args: Any = None) -> Path:
-    """Where FedML's home-directory writes go: args.fedpgp_fedml_home, else register(home=...), else
-    $FEDPGP_FEDML_HOME, else ~/.cache/fedpgp-ray/fedml-home (never ~/.fedml)."""
-    explicit = get(args, "fedpgp_fedml_home") if args is not None else None
-    if explicit:
-        return Path(str(explicit)).expanduser().resolve()
-    if _home is not None:
-        return _home
-    env = os.environ.get(HOME_ENV)
-    if env:
-        return Path(env).expanduser().resolve()
-    return Path.home() / ".cache" / "fedpgp-ray" / "fedml-home"
-
-
-def set_fedml_home(path: str | os.PathLike | None) -> None:
-    global _home
-    _home = Path(path).expanduser().resolve() if path else None
-
-
-@contextlib.contextmanager
-def home_redirect(path: Path) -> Iterator[Path]:
-    """HOME (what FedML's expanduser('~') reads) points at `path` for the duration of the block."""
-    path.mkdir(parents=True, exist_ok=True)
-    before = os.environ.get("HOME")
-    os.environ["HOME"] = str(path)
-    try:
-        yield path
-    finally:
-        if before is None:
-            os.environ.pop("HOME", None)
-        else:
-            os.environ["HOME"] = before
 
 
 # -- the hooks ----------------------------------------------------------------------------------------------
@@ -278,19 +242,18 @@ def _client_init(original):
 REPORT_KEY = "fedpgp_report"
 
 
+# Ours are recognised by the report methods they carry (FedPGPClientTrainer.pop_report,
+# FedPGPServerAggregator.receive_report): no import of trainer / aggregator here, so the modules
+# import each other in one direction only (trainer, aggregator -> config; registry -> config, home).
 def _our_trainer(manager: Any) -> Any:
-    from fedpgp_fedml.trainer import FedPGPClientTrainer
-
     adapter = getattr(manager, "trainer_dist_adapter", None)
     trainer = getattr(getattr(adapter, "trainer", None), "trainer", None)
-    return trainer if isinstance(trainer, FedPGPClientTrainer) else None
+    return trainer if callable(getattr(trainer, "pop_report", None)) else None
 
 
 def _our_aggregator(manager: Any) -> Any:
-    from fedpgp_fedml.aggregator import FedPGPServerAggregator
-
     aggregator = getattr(getattr(manager, "aggregator", None), "aggregator", None)
-    return aggregator if isinstance(aggregator, FedPGPServerAggregator) else None
+    return aggregator if callable(getattr(aggregator, "receive_report", None)) else None
 
 
 def _send_with_report(manager: Any, report: str | None, send: Callable[[], None]) -> None:
