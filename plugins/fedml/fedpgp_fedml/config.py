@@ -181,6 +181,13 @@ def experiment_config_from_args(args: Any) -> ExperimentConfig:
     if per_round > total:
         raise FedMLConfigError(f"{where('client_num_per_round')} = {per_round} is larger than "
                                f"{where('client_num_in_total')} = {total}")
+    if get(args, "training_type") == "cross_silo" and per_round != total:
+        # FedML 0.9.6's cross-silo server hands each silo a different partition client from round to
+        # round: a client's personal prompt would be split between processes or restarted from init,
+        # some clients would never train, and the final table would average in untrained ones.
+        raise FedMLConfigError(f"cross-silo needs one partition client per silo: {where('client_num_in_total')} = "
+                               f"{total} but {where('client_num_per_round')} = {per_round} silos; set both to the "
+                               f"number of silos, or run more clients than processes in simulation (backend sp)")
 
     data: dict[str, Any] = {}
     config_file = get(args, "fedpgp_config_file")

@@ -114,3 +114,21 @@ def test_cross_silo_server_refuses_an_unusable_tracking_store_before_training(re
         FedPGPServerAggregator(registered.create_model(args), args)
     simulated = _load(registered, cfg)  # sp: the simulator builds the report, not the aggregator
     assert FedPGPServerAggregator(registered.create_model(simulated), simulated).server_report is None
+
+
+def test_cross_silo_with_more_partition_clients_than_silos_is_refused_in_one_line(registered):
+    """FedML would hand silos different partition clients in different rounds (personal state split,
+    clients never trained): refused before anything starts."""
+    from pathlib import Path
+
+    import yaml
+
+    cfg = yaml.safe_load((Path(__file__).parents[1] / "examples" / "cross_silo_config.yaml").read_text())
+    cfg["train_args"].update(client_num_in_total=4, client_num_per_round=2)
+    with pytest.raises(registered.FedMLConfigError) as err:
+        _load(registered, cfg)
+    msg = str(err.value)
+    assert "\n" not in msg and "one partition client per silo" in msg
+    assert "client_num_in_total = 4" in msg and "client_num_per_round = 2" in msg
+    cfg["train_args"].update(client_num_in_total=2, client_num_per_round=2)  # one per silo: accepted
+    assert _load(registered, cfg).client_num_in_total == 2
