@@ -3,8 +3,12 @@
 * a table row per round as it ends, labelled as `fedpgp-ray run` labels rounds (round 0 = the
   initial prompt, before any training; round r = after r rounds of training and aggregation);
 * at the end, the final Local / Base / Novel / HM3 / HM2 table (`fedpgp_ray.run.format_table`);
-* results.json, the CSV / Markdown tables and the figures in the run directory
-  (`fedpgp_output_dir`, our `output_dir`), as `fedpgp-ray run` writes them;
+* the run layout `fedpgp-ray run` writes, in the run directory (`fedpgp_output_dir`, our
+  `output_dir`): `config.yaml` (the resolved config), `checkpoints/server/round_<r>.pt` (global
+  params + history, each round), results.json, the CSV / Markdown tables and the figures; the
+  clients' personal states go to `checkpoints/clients/<id>/` from wherever they train
+  (`fedpgp_fedml.trainer`), so `fedpgp-ray predict --run DIR` and the MLflow models work as for a
+  Ray run;
 * an MLflow run (`fedpgp_config.tracking`, on by default; the store rule is ours, the workspace's
   store `fedpgp_ray.workspace`: `./mlflow.db` for an output_dir under the current directory,
   unless MLFLOW_TRACKING_URI or tracking.uri say otherwise), logged through our tracker
@@ -17,11 +21,15 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import sys
 import time
+from dataclasses import asdict
 from typing import Any
 
-from fedpgp_ray.config import ExperimentConfig
+import yaml
+
+from fedpgp_ray.config import ExperimentConfig, config_to_dict
 from fedpgp_ray.federation import RoundReport, results_document
 
 COLUMNS = (("train_loss", "loss", ".3f"), ("local", "Local", ".2f"), ("base", "Base", ".2f"),
@@ -47,6 +55,16 @@ class ServerReport:
         self.history: list[RoundReport] = []
         self.trackers = mlflow_listeners(cfg, False)  # TrackingError here: before any training
         self._header_printed = False
+        from fedpgp_ray.checkpoint import CheckpointStore
+        from fedpgp_ray.storage import RunStorage
+
+        self.storage = RunStorage(cfg.output_dir)
+        self.storage.makedirs()
+        previous = self.storage.local_path("checkpoints")
+        if previous is not None and previous.is_dir():  # FedML has no resume: a new run replaces the old one's
+            shutil.rmtree(previous)
+        self.storage.write_text("config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+        self.store = CheckpointStore(self.storage.child("checkpoints"))
 
     def _print(self, line: str) -> None:
         print(line, file=sys.stdout, flush=True)
@@ -58,6 +76,10 @@ class ServerReport:
             self._print(f"{'round':>7}" + "".join(f"{label:>9}" for _, label, _ in COLUMNS))
             self._header_printed = True
         self.history.append(report)
+        # the server checkpoint of `fedpgp-ray run` (fedpgp_ray.server.Server.finish_round), before the
+        # trackers read it
+        params = {k: v.detach().cpu() if hasattr(v, "detach") else v for k, v in dict(global_params).items()}
+        self.store.save_server(report.round, {"global_params": params, "history": [asdict(h) for h in self.history]})
         m = report.metrics
         self._print(f"{report.round:>7}" + "".join(f"{_cell(m.get(key), fmt):>9}" for key, _, fmt in COLUMNS))
         for tracker in self.trackers:
@@ -66,12 +88,10 @@ class ServerReport:
     def finish(self, results: dict[str, Any] | None = None) -> dict[str, Any]:
         """Write results.json, tables and figures, print the final table, close the MLflow run."""
         from fedpgp_ray.run import RESULTS_FILE, format_table, write_report
-        from fedpgp_ray.storage import RunStorage
 
         if results is None:
             results = results_document(self.cfg, self.history, time.perf_counter() - self.began)
-        storage = RunStorage(self.cfg.output_dir)
-        storage.makedirs()
+        storage = self.storage
         storage.write_text(RESULTS_FILE, json.dumps(results, indent=2))
         write_report(storage, results)
         self._print(format_table([results]))

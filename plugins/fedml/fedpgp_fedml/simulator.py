@@ -38,7 +38,7 @@ from fedpgp_fedml.config import FedMLConfigError, experiment_config_from_args
 from fedpgp_fedml.data import FedPGPDatasetList, fedml_dataset
 from fedpgp_fedml.model import GlobalPromptModel
 from fedpgp_fedml.report import ServerReport
-from fedpgp_fedml.trainer import FedPGPClientTrainer, feature_cache_dir
+from fedpgp_fedml.trainer import FedPGPClientTrainer, client_store, feature_cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +157,8 @@ class FedPGPSimulator:
     # -- fedpgp_runtime: ray (or any runtime of ours) ---------------------------------------------------
     def _run_runtime(self) -> dict[str, Any]:
         mirror = _AggregatorMirror(self.aggregator)
-        with build_runtime(self.cfg, None, feature_cache_dir(self.args)) as runtime:
+        store = client_store(self.cfg) if self.args is not None and getattr(self.args, "fedpgp_output_dir", None) else None
+        with build_runtime(self.cfg, store, feature_cache_dir(self.args)) as runtime:
             results = run_federation(self.cfg, runtime, None, [mirror, self.report])
         self.history = [RoundReport(r["round"], r["metrics"], {int(c): m for c, m in r["clients"].items()})
                         for r in results["rounds"]]

@@ -33,20 +33,31 @@ def feature_cache_dir(args: Any) -> str:
     return ours()
 
 
+def client_store(cfg: ExperimentConfig) -> Any:
+    """The run's checkpoint store (`<output_dir>/checkpoints`): where clients keep their personal states."""
+    from fedpgp_ray.checkpoint import CheckpointStore
+    from fedpgp_ray.storage import RunStorage
+
+    return CheckpointStore(RunStorage(cfg.output_dir).child("checkpoints"))
+
+
 def build_worker(cfg: ExperimentConfig, fedml_dataset: Any = None, args: Any = None,
                  device: str | torch.device | None = None) -> ClientWorker:
     """Our ClientWorker for `cfg`, on our own data (None or our FedML list) or on a foreign FedML list."""
+    from fedpgp_ray.runtime.base import worker_threads
+
     cache_dir = feature_cache_dir(args)
-    if cfg.runtime.threads_per_worker:  # as our local runtime: torch intra-op threads of this process
-        torch.set_num_threads(cfg.runtime.threads_per_worker)
+    torch.set_num_threads(worker_threads(cfg.runtime))  # as our runtimes: from the CPUs it was given
+    # personal states in the run layout of `fedpgp-ray run` (checkpoints/clients/<id>/round_<r>.pt)
+    store = client_store(cfg) if get(args, "fedpgp_output_dir") else None
     if fedml_dataset is None:
-        worker = ClientWorker(cfg, device, cache_dir=cache_dir)
+        worker = ClientWorker(cfg, device, store=store, cache_dir=cache_dir)
     else:
         dataset, partition = partition_from_fedml(fedml_dataset, get(args, "fedpgp_class_names"))
         if len(partition.clients) != cfg.federation.num_clients:
             raise FedMLConfigError(f"train_args.client_num_in_total = {cfg.federation.num_clients} but the dataset "
                                    f"has {len(partition.clients)} clients (train_data_local_dict)")
-        worker = ClientWorker(cfg, device, cache_dir=cache_dir, dataset=dataset, partition=partition)
+        worker = ClientWorker(cfg, device, store=store, cache_dir=cache_dir, dataset=dataset, partition=partition)
     worker.prepare()
     return worker
 
@@ -135,6 +146,12 @@ class FedPGPClientTrainer(ClientTrainer):
         if self.cross_silo:
             self.report.update(fit_round=rnd, fit=dict(result.metrics), num_examples=result.num_examples)
             self.last_round = rnd
+            # the silo's own log (crosssilo.launch_loopback: <log_dir>/rank<r>.log) gets a line per round
+            evaluated = self.report.get("eval") or {}
+            shown = [f"loss {result.metrics['train_loss']:.3f}"] if "train_loss" in result.metrics else []
+            shown += [f"{k} {evaluated[k]:.1f} (round {rnd - 1})" for k in ("local", "base", "novel") if k in evaluated]
+            print(f"silo {get(self.args, 'rank')} client {cid} round {rnd}/{self.cfg.train.rounds}: "
+                  f"{', '.join(shown) or 'trained'}", flush=True)
         return result.metrics
 
     # -- cross-silo: the server's table needs the clients' evaluations (personal prompts stay here) -----

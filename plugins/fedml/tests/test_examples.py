@@ -75,6 +75,18 @@ def check_example(stdout: str, out: Path, clients: int, config: dict) -> list[fl
     assert [r["round"] for r in doc["rounds"]] == list(range(rounds + 1))
     assert {"results.csv", "results.md", "rounds.csv", "accuracy.png", "clients.png"} <= {p.name for p in out.iterdir()}
     assert f"results: {out / 'results.json'}" in stdout and "MLflow: run" in stdout
+    # the run layout of `fedpgp-ray run`: config, server checkpoints, the clients' personal states
+    assert (out / "config.yaml").is_file() and (out / "checkpoints" / "server" / f"round_{rounds}.pt").is_file()
+    assert len(list((out / "checkpoints" / "clients").iterdir())) == clients
+    assert "MLflow models:" in stdout  # the classifiers were logged and registered, as on the Ray path
+    from PIL import Image
+
+    probe = out.parent / f"probe-{out.name}.png"
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(probe)
+    for client in ("0", str(clients - 1)):  # predict --run works on the FedML run directory
+        proc = subprocess.run([sys.executable, "-m", "fedpgp_ray.cli", "predict", "--run", str(out), "--client",
+                               client, str(probe)], capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0 and proc.stdout.strip(), proc.stdout + proc.stderr
     return [local, base, novel]
 
 
@@ -88,6 +100,10 @@ def test_cross_silo_example_prints_results_on_the_server_and_logs_one_run(exampl
     stdout = run_example(examples, ["bash", "run_cross_silo.sh"])
     config = yaml.safe_load((examples / "cross_silo_config.yaml").read_text())
     assert "exit codes [0, 0, 0]" in stdout
+    rounds = config["train_args"]["comm_round"]
+    for rank in (1, 2):  # each silo's log has a line per round
+        silo_log = (examples / "outputs" / "cross_silo" / "logs" / f"rank{rank}.log").read_text()
+        assert all(f"round {r}/{rounds}" in silo_log for r in range(1, rounds + 1)), silo_log[-2000:]
     check_example(stdout, examples / "outputs" / "cross_silo", config["train_args"]["client_num_in_total"], config)
 
     # one store for the workspace (the examples folder) ; each example is one run there (the silos log nothing)
