@@ -42,7 +42,8 @@ def run_one(name: str, workdir: Path, timeout_s: float) -> dict:
     row["wall_s"] = time.perf_counter() - began
     if proc.returncode != 0:
         errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-        return {**row, "status": "not run: " + (errors[-1] if errors else proc.stderr.strip()[-200:])}
+        reason = errors[-1] if errors else proc.stderr.strip()[-200:]
+        return {**row, "status": "not run: " + reason.split(";")[0][:90]}  # the first clause of the one line
     rounds = {r["round"]: r["metrics"] for r in json.loads((out / "results.json").read_text())["rounds"]}
     return {**row, "status": "ok", "round0_s": rounds[0].get("round_seconds"),
             "round1_s": rounds[1].get("round_seconds"), "local": rounds[1].get("local")}
