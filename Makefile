@@ -30,4 +30,4 @@ test: $(STAMP) fedml-env
 	$(FEDML_VENV)/bin/python -m pytest plugins/fedml/tests
 
 clean:
-	rm -rf $(VENV) $(FEDML_VENV) runs .pytest_cache
+	rm -rf $(VENV) $(FEDML_VENV) runs mlflow.db mlartifacts mlruns .pytest_cache  # the workspace store goes with runs/
