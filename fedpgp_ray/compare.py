@@ -465,7 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
-    from fedpgp_ray.run import user_errors  # after parsing: `--help` stays instant
+    from fedpgp_ray.errors import user_errors  # after parsing: `--help` stays instant
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -17,24 +17,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from fedpgp_ray.config import ConfigError, ExperimentConfig, config_from_dict, load_config
+from fedpgp_ray.errors import user_errors
 from fedpgp_ray.rundir import RunDir, check_writable, read_saved_config, write_text_atomic
-from fedpgp_ray.storage import RunStorage, StorageError, is_uri, join_location
-from fedpgp_ray.tracking import TrackingError, mlflow_listeners
+from fedpgp_ray.storage import RunStorage, is_uri, join_location
+from fedpgp_ray.tracking import mlflow_listeners
 
 if TYPE_CHECKING:  # torch-backed modules are imported when a run starts, so `--help` is instant
     from fedpgp_ray.algorithms import Params
     from fedpgp_ray.federation import RoundListener, RoundReport
-
-
-def user_errors() -> tuple[type[Exception], ...]:
-    """The exceptions that mean bad input: printed as one `error: ...` line, exit code 2."""
-    from fedpgp_ray.checkpoint import UnreadableCheckpoint
-    from fedpgp_ray.clip.backbone import CheckpointError
-    from fedpgp_ray.data.base import DataError
-    from fedpgp_ray.strategy import RoundFailedError
-
-    return (ConfigError, DataError, CheckpointError, RoundFailedError, FileNotFoundError, TrackingError,
-            UnreadableCheckpoint, StorageError)
 
 
 RESULTS_FILE = "results.json"

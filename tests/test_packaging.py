@@ -128,7 +128,8 @@ def test_algorithm_core_imports_no_ray_mlflow_or_fedml_and_ray_stays_in_its_file
         assert not bad, f"{path.relative_to(REPO)} imports {bad}"
     ray_users = {str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py")
                  if any(m.split(".")[0] == "ray" for m in _imports(p))}
-    assert ray_users <= {"runtime/ray.py", "runtime/shared_ray.py", "compare.py", "bench.py"}, ray_users
+    assert {u for u in ray_users if not u.startswith("runtime/ray/")} <= {"runtime/shared_ray.py", "compare.py",
+                                                                         "bench.py"}, ray_users
 
 
 def test_no_import_cycles_in_the_package():

@@ -31,6 +31,7 @@ from fedpgp_ray.federation import run_federation  # noqa: E402
 from fedpgp_ray.run import feature_cache_dir, main as run_main, run_experiment  # noqa: E402
 from fedpgp_ray.runtime.local import LocalRuntime  # noqa: E402
 from fedpgp_ray.runtime.ray import FaultPlan, GpuFallbackWarning, PlacementError, RayRuntime  # noqa: E402
+from fedpgp_ray.runtime.ray.placement import gpus_per_actor  # noqa: E402
 from fedpgp_ray.strategy import RoundFailedError  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -234,15 +235,13 @@ def test_gpu_requested_but_cuda_absent_runs_on_cpu_with_one_warning(ray_session,
 
 def test_cluster_without_gpu_requests_none_and_warns_once(monkeypatch, tiny_weights, tmp_path):
     """With no GPU in the cluster, GPU actors would stay pending forever: request none instead."""
-    runtime = object.__new__(RayRuntime)
-    runtime.cfg = make_cfg(tmp_path, tiny_weights, num_gpus_per_actor=0.25)
-    runtime.rc = runtime.cfg.runtime
+    cfg = make_cfg(tmp_path, tiny_weights, num_gpus_per_actor=0.25)
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
     with pytest.warns(GpuFallbackWarning, match="no GPU") as caught:
-        assert runtime._gpus_per_actor() == 0.0
+        assert gpus_per_actor(cfg) == 0.0
     assert len(caught) == 1
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0, "GPU": 1.0})
-    assert runtime._gpus_per_actor() == 0.25
+    assert gpus_per_actor(cfg) == 0.25
 
 
 @pytest.mark.parametrize("runtime", [{"num_cpus_per_actor": 2}, {"num_gpus_per_actor": 1}],

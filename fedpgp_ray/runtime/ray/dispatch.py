@@ -1,0 +1,182 @@
+"""One fit/evaluate phase over the actor pool: a small `ray.wait` loop that keeps each actor fed, replaces
+dead or hung actors, retries their clients within `runtime.max_client_retries` and counts what happened."""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import ray
+from ray.exceptions import RayActorError, RayError, RayTaskError
+
+from fedpgp_ray.algorithms import Params
+from fedpgp_ray.config import RuntimeConfig
+from fedpgp_ray.runtime.base import RoundProgress
+from fedpgp_ray.runtime.ray.actors import unwrap
+from fedpgp_ray.runtime.ray.faults import FaultPlan
+from fedpgp_ray.storage import StorageError
+from fedpgp_ray.strategy import ClientFailure
+
+log = logging.getLogger("fedpgp_ray.runtime.ray")
+
+PIPELINE_DEPTH = 2  # tasks in flight per actor: one running, one queued behind it (hides dispatch latency)
+MIN_TASK_TIMEOUT_S = 600.0   # automatic task timeout: never below this (first tasks have no measurement yet)
+TASK_TIMEOUT_FACTOR = 10.0   # ... and 10 x the slowest task completed so far in the run
+
+
+def task_timeout(configured: float | None, slowest_task_s: float) -> float:
+    """Seconds a client task may run before its actor is treated as hung (`runtime.task_timeout_s`).
+
+    Automatic (configured None): max(600 s, 10 x the slowest completed task of the run). A fit task is
+    one client's local epochs on cached features (seconds on CPU for the quickstart, minutes for a
+    ViT-B/16 on CPU); 10x the slowest leaves room for stragglers (a loaded node, GC, a slow disk)
+    without waiting forever, and 600 s covers the first tasks, before any has been measured.
+    """
+    if configured is not None:
+        return configured
+    return max(MIN_TASK_TIMEOUT_S, TASK_TIMEOUT_FACTOR * slowest_task_s)
+
+
+@dataclass
+class _Task:
+    client_id: int
+    slot: int
+    seq: int
+    submitted: float = 0.0  # time.monotonic() at submission
+
+
+class ActorPool(Protocol):
+    """What a phase needs of the runtime: its actors (slot -> actor), how clients map to slots, how a
+    slot gets a fresh actor, and run-wide state (the task sequence, the slowest task so far)."""
+    actors: list[Any]
+    num_actors: int
+    rc: RuntimeConfig
+    faults: FaultPlan
+    task_seq: int
+    slowest_task_s: float
+
+    def slot_of(self, client_id: int) -> int: ...
+
+    def replace_actor(self, slot: int) -> Any: ...
+
+
+def dispatch(rt: ActorPool, method: str, rnd: int, client_ids: list[int], global_params: Params
+             ) -> tuple[list[Any], list[ClientFailure], dict[str, float]]:
+    """Run `method` ("fit" / "evaluate") for `client_ids` on rt's actors: the results sorted by client id,
+    the clients dropped after too many failed attempts, and the phase's fault counters."""
+    params_ref = ray.put(global_params)  # one copy in the object store per phase, shared by all tasks
+    queues: dict[int, deque[int]] = {s: deque() for s in range(rt.num_actors)}
+    for cid in sorted(client_ids):
+        queues[rt.slot_of(cid)].append(cid)
+    attempts: dict[int, int] = {cid: 0 for cid in client_ids}
+    inflight: dict[Any, _Task] = {}
+    results: dict[int, Any] = {}
+    failures: dict[int, ClientFailure] = {}
+    counters = {"actor_restarts": 0.0, "client_retries": 0.0, "clients_failed": 0.0, "tasks_timed_out": 0.0}
+    slot_free_at = {s: time.monotonic() for s in range(rt.num_actors)}  # when its last task ended
+    starting: dict[Any, tuple[int, float]] = {}  # start-up (prepare) of replacement actors -> (slot, since)
+    progress = RoundProgress(rnd, method, len(client_ids))
+
+    def submit(slot: int) -> None:
+        while queues[slot] and sum(t.slot == slot for t in inflight.values()) < PIPELINE_DEPTH:
+            cid = queues[slot].popleft()
+            ref = getattr(rt.actors[slot], method).remote(cid, rnd, params_ref,
+                                                          rt.faults.fault_for(method, rnd, cid, attempts[cid]))
+            rt.task_seq += 1
+            inflight[ref] = _Task(cid, slot, rt.task_seq, time.monotonic())
+            if method == "fit" and (rnd, cid) in rt.faults.kill - rt.faults.fired:
+                rt.faults.fired.add((rnd, cid))
+                log.warning("fault injection: killing the actor of slot %d while client %d is in flight",
+                            slot, cid)
+                ray.kill(rt.actors[slot], no_restart=True)
+
+    def charge(task: _Task, reason: str) -> bool:
+        """Count a failed attempt; True if the client may be retried."""
+        attempts[task.client_id] += 1
+        if attempts[task.client_id] > rt.rc.max_client_retries:
+            failures[task.client_id] = ClientFailure(
+                task.client_id, f"{reason} (dropped after {attempts[task.client_id]} attempts)")
+            return False
+        counters["client_retries"] += 1
+        return True
+
+    def lose_actor(slot: int, lost: list[_Task], reason: str, was_running: bool = True) -> None:
+        """The actor of `slot` is gone (died, or killed as hung). Its oldest unfinished task was the
+        one running (an actor runs its tasks one at a time, in order): charge that client (unless
+        the actor never got to run it: `was_running`); re-queue the rest free; a fresh actor takes the slot."""
+        lost = lost + [t for t in inflight.values() if t.slot == slot]
+        for r in [r for r, t in inflight.items() if t.slot == slot]:
+            del inflight[r]
+        lost.sort(key=lambda t: t.seq)
+        keep = [t.client_id for t in lost[1:]]
+        if lost and (not was_running or charge(lost[0], reason)):
+            keep.insert(0, lost[0].client_id)
+        queues[slot].extendleft(reversed(keep))
+        log.warning("round %d: client actor %d %s; replacing it and re-queueing clients %s", rnd, slot, reason, keep)
+        starting[rt.replace_actor(slot)] = (slot, time.monotonic())
+        slot_free_at[slot] = math.inf  # its tasks' clocks start once it has started
+        counters["actor_restarts"] += 1
+
+    def running_since(slot: int) -> tuple[_Task, float] | None:
+        """The task the slot's actor is running now, and since when (tasks queue behind it)."""
+        tasks = [t for t in inflight.values() if t.slot == slot]
+        if not tasks:
+            return None
+        oldest = min(tasks, key=lambda t: t.seq)
+        return oldest, max(oldest.submitted, slot_free_at[slot])
+
+    for slot in range(rt.num_actors):
+        submit(slot)
+    while inflight:
+        limit = task_timeout(rt.rc.task_timeout_s, rt.slowest_task_s)
+        # a replacement actor's start-up (process, backbone, features) is not a client task: it gets
+        # at least the automatic floor, so a loaded node does not make every replacement "hang"
+        startup_limit = max(limit, MIN_TASK_TIMEOUT_S)
+        running = [r for r in map(running_since, range(rt.num_actors)) if r is not None]
+        deadlines = [since + limit for _, since in running] + [since + startup_limit for _, since in starting.values()]
+        wait_s = min(deadlines, default=time.monotonic() + 60.0) - time.monotonic()
+        ready, _ = ray.wait([*inflight, *starting], num_returns=1, timeout=min(max(wait_s, 0.0), 60.0))
+        if ready and ready[0] in starting:
+            slot, _ = starting.pop(ready[0])
+            slot_free_at[slot] = time.monotonic()  # started (or died: its tasks will say so)
+            continue
+        if not ready:
+            now = time.monotonic()
+            hung = [(task.slot, f"{method} of client {task.client_id}", limit, True) for task, since in running
+                    if now - since > limit]
+            hung += [(slot, "its start-up", startup_limit, False) for slot, since in starting.values()
+                     if now - since > startup_limit]
+            for slot, what, seconds, was_running in hung:
+                counters["tasks_timed_out"] += 1
+                for ref in [r for r, (s, _) in starting.items() if s == slot]:
+                    del starting[ref]
+                ray.kill(rt.actors[slot], no_restart=True)  # hung, not dead: end it
+                lose_actor(slot, [], f"timed out after {seconds:.0f} s in {what}, round {rnd} "
+                                     f"(runtime.task_timeout_s)", was_running)
+                submit(slot)
+            continue
+        ref = ready[0]
+        task = inflight.pop(ref)
+        try:
+            results[task.client_id] = ray.get(ref)
+            progress.client_done(len(results))
+            now = time.monotonic()
+            rt.slowest_task_s = max(rt.slowest_task_s, now - max(task.submitted, slot_free_at[task.slot]))
+            slot_free_at[task.slot] = now
+        except RayActorError as err:
+            # lose_actor drops every in-flight task of a replaced actor, so `task` is the current one's
+            lose_actor(task.slot, [task], f"died during {method} of round {rnd}: {type(err).__name__}")
+        except RayError as err:  # the task raised (RayTaskError) or its worker was lost
+            slot_free_at[task.slot] = time.monotonic()
+            cause = unwrap(err) if isinstance(err, RayTaskError) else err
+            if isinstance(cause, StorageError):  # unshared storage, a lost client state: never retried
+                raise cause from None
+            if charge(task, f"{method} raised {type(cause).__name__}: {cause}".splitlines()[0]):
+                queues[task.slot].appendleft(task.client_id)
+        submit(task.slot)
+    counters["clients_failed"] = float(len(failures))
+    done = [results[c] for c in sorted(results)]
+    return done, [failures[c] for c in sorted(failures)], counters

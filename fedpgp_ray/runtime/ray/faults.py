@@ -1,0 +1,43 @@
+"""Injected faults (tests, failure drills): which actor to kill, crash, hang or fail, and when."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+FAULTS_ENV = "FEDPGP_RAY_FAULTS"
+
+
+@dataclass
+class FaultPlan:
+    """Injected faults, for tests and failure drills (default: none). Also read as JSON from
+    $FEDPGP_RAY_FAULTS, e.g. '{"exit": [[1, 3]], "fail": [5]}'.
+
+    kill: (round, client) pairs: right after first submitting that client's fit, the driver
+        `ray.kill`s the actor serving it (mid-round, with the task in flight); once per pair.
+    exit: (round, client) pairs: the actor process exits (`os._exit(1)`) when it starts that
+        client's fit, on the first attempt only.
+    fail: clients whose fit raises on every attempt.
+    hang: (round, client) pairs: the actor hangs (sleeps, alive) in that client's fit, on the first
+        attempt only; `runtime.task_timeout_s` ends it.
+    """
+    kill: set[tuple[int, int]] = field(default_factory=set)
+    exit: set[tuple[int, int]] = field(default_factory=set)
+    fail: set[int] = field(default_factory=set)
+    hang: set[tuple[int, int]] = field(default_factory=set)
+    fired: set[tuple[int, int]] = field(default_factory=set)  # the kills already done
+
+    @classmethod
+    def from_json(cls, text: str | None) -> "FaultPlan":
+        data = json.loads(text) if text else {}
+        return cls(kill={tuple(p) for p in data.get("kill", [])}, exit={tuple(p) for p in data.get("exit", [])},
+                   fail=set(data.get("fail", [])), hang={tuple(p) for p in data.get("hang", [])})
+
+    def fault_for(self, method: str, rnd: int, client_id: int, attempt: int) -> str | None:
+        """The fault to inject into this attempt of a client's task (only fits are faulted)."""
+        if method != "fit":
+            return None
+        if attempt == 0 and (rnd, client_id) in self.exit:
+            return "exit"
+        if attempt == 0 and (rnd, client_id) in self.hang:
+            return "hang"
+        return "fail" if client_id in self.fail else None
