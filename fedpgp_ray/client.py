@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +26,8 @@ from fedpgp_ray.config import ExperimentConfig
 from fedpgp_ray.data.base import ClassificationDataset
 from fedpgp_ray.data.partition import EvalSet, FederatedPartition, partition_dataset
 from fedpgp_ray.data.registry import build_dataset
-from fedpgp_ray.privacy import clip_upload
+from fedpgp_ray.privacy import clip_upload, flat_update
+from fedpgp_ray.secagg.protocol import SecAggClient, client_step
 
 
 log = logging.getLogger(__name__)
@@ -102,6 +104,9 @@ class ClientWorker:
         # Shared partition: the used training images (sorted) and their features per kind, in chunks.
         self._shared_rows: np.ndarray | None = None
         self._shared_chunks: dict[str, list[torch.Tensor]] = {}
+        # SecAgg: a trained client's update waits here (never in a FitResult) until the protocol takes it
+        self._secagg_updates: dict[int, np.ndarray] = {}
+        self._secagg_clients: dict[int, SecAggClient] = {}
 
     @property
     def device(self) -> torch.device:
@@ -315,6 +320,12 @@ class ClientWorker:
 
         state.personal = {k: params[k].detach().cpu() for k in self.algorithm.personal_keys}
         state.optimizer = _to_cpu(optimizer.state_dict())
+        if cfg.privacy.enabled or cfg.secagg.enabled:
+            # the momentum of the global prompt is built from raw, unclipped gradients: under DP / SecAgg it
+            # is not kept (nor checkpointed, nor logged); each round starts it afresh
+            for index, key in enumerate(params):
+                if key in self.algorithm.global_keys:
+                    state.optimizer["state"].pop(index, None)
         if self.store is not None:
             self.store.save_client(client_id, rnd, {"personal": state.personal, "optimizer": state.optimizer})
         metrics = {k: v / max(steps, 1) for k, v in sums.items()}
@@ -326,7 +337,40 @@ class ClientWorker:
         if cfg.privacy.enabled and upload:  # DP: the update is clipped here, on the client, before it leaves
             clip = cfg.privacy.clip_norm if cfg.privacy.clip_norm is not None else math.inf
             upload = clip_upload(upload, {k: global_params[k].detach().cpu() for k in upload}, clip)
+        if cfg.secagg.enabled and upload:  # SecAgg: the update stays here; only masked vectors leave
+            self._secagg_updates[client_id] = flat_update(upload, {k: global_params[k].detach().cpu() for k in upload})
+            upload = {}
         return FitResult(client_id, upload, n, metrics)
+
+    # -- secure aggregation ------------------------------------------------------------------------------
+    def secagg_step(self, client_id: int, rnd: int, stage: str, request: Any) -> Any:
+        """Run one SecAgg stage for a client (fedpgp_ray.secagg.protocol); the first stage's request is the
+        round's public setup. Rounding and noise come from (seed, round, client) when seeded (privacy.seeded,
+        or SecAgg without DP), else from a generator seeded with 128 bits of `secrets`."""
+        if stage == "advertise":
+            p = self.cfg.privacy
+            seeded = not p.enabled or p.seeded
+            rng = np.random.default_rng([self.cfg.seed, 29, rnd, client_id] if seeded else secrets.randbits(128))
+            update = self._secagg_updates.pop(client_id, None)
+            if update is None:
+                raise RuntimeError(f"client {client_id} has no trained update for round {rnd}'s secure aggregation")
+            self._secagg_clients[client_id] = SecAggClient(client_id, request, update, rng)
+        out = client_step(self._secagg_clients[client_id], stage, request)
+        if stage == "unmask":
+            del self._secagg_clients[client_id]
+        return out
+
+    def secagg_batch(self, rnd: int, stage: str, requests: dict[int, Any]) -> dict[int, Any]:
+        """secagg_step for several clients; a client whose step fails drops out of the round (left out)."""
+        out = {}
+        for cid, request in requests.items():
+            try:
+                out[cid] = self.secagg_step(cid, rnd, stage, request)
+            except Exception as err:  # a failing client is a dropout; the protocol decides if the round survives
+                log.warning("round %d: a client dropped out of secure aggregation at %s: %s", rnd, stage,
+                            str(err).splitlines()[0] if str(err) else type(err).__name__)
+                self._secagg_clients.pop(cid, None)
+        return out
 
     # -- evaluate -------------------------------------------------------------------------------------
     @torch.inference_mode()

@@ -267,6 +267,27 @@ class PrivacyConfig:
 
 
 @dataclass
+class SecAggConfig:
+    """Secure aggregation of the global prompt (SecAgg+, Bell et al. 2020; see docs/PRIVACY.md).
+
+    enabled: the server learns only the sum of the round's surviving clients' quantised updates.
+    bits: the ring Z_{2^bits} the updates are summed in. clip_range: without privacy.enabled, each
+        coordinate of an update is clipped to [-clip_range, clip_range] before quantisation (with DP,
+        privacy.clip_norm bounds every coordinate and is used instead).
+    threshold: a client's secrets are shared t-of-k among its k neighbours, t = floor(threshold k) + 1.
+    degree: k, neighbours per client (null: 3 log2 n, rounded up to even, capped at n - 1).
+    min_survivors: M, fewest clients whose masked inputs the server may unmask; fewer fail the round.
+        With privacy.enabled each client adds 1/(M - 1) of the configured noise (distributed DP).
+    """
+    enabled: bool = _f(False)
+    bits: int = _f(32, lo=16, hi=62)
+    clip_range: float = _f(0.1, lo=0.0, lo_open=True)
+    threshold: float = _f(0.5, lo=0.0, hi=1.0, lo_open=True)
+    degree: int | None = _f(None, lo=2)
+    min_survivors: int = _f(2, lo=2)
+
+
+@dataclass
 class ExperimentConfig:
     """One federated experiment. output_dir is made absolute at load time."""
     seed: int = _f(0, lo=0)
@@ -280,6 +301,7 @@ class ExperimentConfig:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    secagg: SecAggConfig = field(default_factory=SecAggConfig)
 
 
 def _describe(check: dict[str, Any]) -> str:
@@ -388,6 +410,19 @@ def config_from_dict(data: dict[str, Any], overrides: list[str] = (), base_dir: 
     if cfg.federation.min_reporting_clients > cfg.federation.num_clients:
         raise ConfigError(f"config key 'federation.min_reporting_clients' = {cfg.federation.min_reporting_clients}"
                           f" is out of range: must be <= federation.num_clients ({cfg.federation.num_clients})")
+    for section in ("privacy", "secagg"):  # a setting of a switched-off feature would silently do nothing
+        values, default = getattr(cfg, section), type(getattr(cfg, section))()
+        changed = [f.name for f in dataclasses.fields(values) if getattr(values, f.name) != getattr(default, f.name)]
+        if not values.enabled and changed:
+            raise ConfigError(f"config key '{section}.{changed[0]}' is set but {section}.enabled is false: it would "
+                              f"have no effect; set {section}.enabled=true or remove it")
+    per_round = max(int(math.floor(cfg.federation.client_fraction * cfg.federation.num_clients)), 1)
+    if cfg.secagg.enabled and not cfg.privacy.enabled and cfg.secagg.min_survivors > per_round:
+        raise ConfigError(f"config key 'secagg.min_survivors' = {cfg.secagg.min_survivors} is out of range: must be "
+                          f"<= the clients sampled per round ({per_round}); lower it or raise federation.client_fraction")
+    if cfg.secagg.enabled and cfg.secagg.min_survivors > cfg.federation.num_clients:
+        raise ConfigError(f"config key 'secagg.min_survivors' = {cfg.secagg.min_survivors} is out of range: must be "
+                          f"<= federation.num_clients ({cfg.federation.num_clients})")
     if cfg.privacy.target_delta >= 1:
         raise ConfigError(f"config key 'privacy.target_delta' = {cfg.privacy.target_delta!r} is out of range: "
                           f"must be > 0 and < 1 (e.g. 1e-5, below 1 / federation.num_clients)")

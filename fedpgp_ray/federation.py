@@ -8,10 +8,12 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 from fedpgp_ray import privacy
+from fedpgp_ray.secagg import ddp
 from fedpgp_ray.algorithms import Params, build_algorithm
 from fedpgp_ray.checkpoint import CheckpointStore
 from fedpgp_ray.config import ExperimentConfig, config_to_dict
 from fedpgp_ray.runtime.base import Runtime
+from fedpgp_ray.secagg.protocol import STAGES as SECAGG_STAGES
 from fedpgp_ray.strategy import FedAvgStrategy
 
 log = logging.getLogger(__name__)
@@ -43,7 +45,7 @@ def build_strategy(cfg: ExperimentConfig) -> FedAvgStrategy:
     ev = cfg.evaluation
     return FedAvgStrategy(cfg.federation.num_clients, cfg.federation.client_fraction,
                           cfg.federation.min_reporting_clients, ev.every, num_rounds(cfg), cfg.seed,
-                          cfg.privacy, ev.client_fraction, ev.num_clients, ev.final == "all")
+                          cfg.privacy, ev.client_fraction, ev.num_clients, ev.final == "all", secagg=cfg.secagg)
 
 
 def num_rounds(cfg: ExperimentConfig) -> int:
@@ -70,9 +72,14 @@ def run_federation(cfg: ExperimentConfig, runtime: Runtime, store: CheckpointSto
         global_params = server.global_params()
         if rnd > 0:
             sampled = strategy.configure_train(rnd)
-            results, failures = runtime.fit(rnd, sampled, global_params)
+            if strategy.secagg_skips(sampled, global_params):
+                results, failures = [], []  # too few sampled clients to hide one: no update (no one trains)
+            else:
+                results, failures = runtime.fit(rnd, sampled, global_params)
+                if strategy.secagg is not None and global_params:
+                    secure_aggregation(rnd, server, runtime, [r.client_id for r in results])
             metrics.update(clients_sampled=float(len(sampled)), **server.aggregate_train(rnd, results, failures))
-            for r in results:
+            for r in ([] if strategy.private_ids else results):  # DP / SecAgg: who took part stays unrecorded
                 clients[r.client_id] = {f"train_{k}": v for k, v in r.metrics.items()}
             metrics["state_reinits"] = float(sum(r.metrics.get("state_reinit", 0.0) for r in results))
             global_params = server.global_params()
@@ -89,6 +96,14 @@ def run_federation(cfg: ExperimentConfig, runtime: Runtime, store: CheckpointSto
             listener.on_round(report, global_params)
     history = [RoundReport(h["round"], h["metrics"], h["clients"]) for h in server.get_history()]
     return results_document(cfg, history, time.perf_counter() - began, runtime.dataset_manifest())
+
+
+def secure_aggregation(rnd: int, server: Any, runtime: Runtime, clients: list[int]) -> None:
+    """Round `rnd`'s SecAgg among the clients that trained: the server's message of each stage goes to the
+    clients through the runtime, their answers back to the server, which ends holding the unmasked sum."""
+    requests = server.secagg_start(rnd, clients)
+    for stage in SECAGG_STAGES:
+        requests = server.secagg_step(stage, runtime.secagg_exchange(rnd, stage, requests))
 
 
 def results_document(cfg: ExperimentConfig, history: list[RoundReport], wall_seconds: float,
@@ -122,8 +137,11 @@ def privacy_applies(cfg: ExperimentConfig) -> bool:
 def privacy_summary(cfg: ExperimentConfig, rounds: int) -> dict[str, Any]:
     """The guarantee after `rounds` DP rounds, for results.json (epsilon null: infinite, no noise)."""
     p, q = cfg.privacy, cfg.federation.client_fraction
-    eps = privacy.epsilon(q, p.noise_multiplier, rounds, p.target_delta)
+    eps = build_strategy(cfg).epsilon(rounds)
+    distributed = cfg.secagg.enabled
     return {"epsilon": None if math.isinf(eps) else eps, "delta": p.target_delta, "rounds": rounds,
             "sampling_rate": q, "expected_clients_per_round": q * cfg.federation.num_clients,
             "noise_multiplier": p.noise_multiplier, "clip_norm": p.clip_norm, "max_epsilon": p.max_epsilon,
-            "stopped_by_budget": rounds < num_rounds(cfg), "accountant": privacy.ACCOUNTANT, "seeded": p.seeded}
+            "stopped_by_budget": rounds < num_rounds(cfg),
+            "accountant": ddp.ACCOUNTANT if distributed else privacy.ACCOUNTANT, "seeded": p.seeded,
+            "mode": "distributed (SecAgg + Skellam)" if distributed else "central"}

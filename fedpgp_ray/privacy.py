@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import logging
 import math
-import secrets
+import os
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
+
+from fedpgp_ray.secagg.crypto import prg_words
 
 Params = dict[str, torch.Tensor]
 
@@ -47,19 +49,52 @@ def clip_upload(upload: Params, received: Params, clip_norm: float) -> Params:
     return {k: (received[k].double() + clipped[k]).to(upload[k].dtype) for k in received}
 
 
-def noise_generator(seed: int | None, rnd: int) -> torch.Generator:
-    """The noise stream of round `rnd`: from the OS's entropy (seed None), else from (seed, round).
-
-    A seeded stream is reproducible, and so subtractable by anyone who knows the seed.
+def noise_generator(seed: int | None, rnd: int) -> torch.Generator | None:
+    """The noise stream of round `rnd`: None (unseeded) means the cryptographically secure source of
+    `gaussian`; with a seed, torch's generator from (seed, round): reproducible, and so subtractable by
+    anyone who knows the seed.
     """
     if seed is None:
-        return torch.Generator().manual_seed(secrets.randbits(63))
+        return None
     state = np.random.SeedSequence([int(seed), 17, int(rnd)]).generate_state(2)
     return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
+def secure_normal(shape: tuple[int, ...]) -> torch.Tensor:
+    """Standard normal float64 samples from a CSPRNG: the AES-256-CTR keystream of a fresh key from
+    os.urandom (the `cryptography` package), 53-bit uniforms, Box-Muller."""
+    count = int(np.prod(shape, dtype=np.int64))
+    words = prg_words(os.urandom(32), 2 * max(count, 1))
+    u1 = ((words[0::2] >> np.uint64(11)).astype(np.float64) + 1.0) * 2.0 ** -53  # (0, 1]: log is finite
+    u2 = (words[1::2] >> np.uint64(11)).astype(np.float64) * 2.0 ** -53
+    normal = np.sqrt(-2.0 * np.log(u1)) * np.cos(2.0 * np.pi * u2)
+    return torch.from_numpy(normal[:count].reshape(shape))
+
+
+def gaussian(shape: tuple[int, ...], generator: torch.Generator | None) -> torch.Tensor:
+    """N(0, 1) float64 samples: from `generator` when seeded, else from `secure_normal`."""
+    if generator is None:
+        return secure_normal(tuple(shape))
+    return torch.randn(shape, generator=generator, dtype=torch.float64)
+
+
+def flat_update(upload: Params, received: Params) -> np.ndarray:
+    """upload - received over the keys of `received` (sorted), concatenated, float64: what SecAgg sums."""
+    return np.concatenate([(upload[k].double() - received[k].double()).reshape(-1).numpy() for k in sorted(received)])
+
+
+def unflatten(vector: np.ndarray, like: Params) -> Params:
+    """The inverse of flat_update's layout: float64 tensors shaped like `like` (sorted keys)."""
+    out, start = {}, 0
+    for k in sorted(like):
+        n = like[k].numel()
+        out[k] = torch.from_numpy(np.asarray(vector[start:start + n], dtype=np.float64).copy()).reshape(like[k].shape)
+        start += n
+    return out
+
+
 def dp_aggregate(global_params: Params, updates: list[Params], clip_norm: float, noise_multiplier: float,
-                 expected_clients: float, generator: torch.Generator) -> Params:
+                 expected_clients: float, generator: torch.Generator | None) -> Params:
     """global + (sum_i clip(update_i) + N(0, (noise_multiplier * clip_norm)^2 I)) / expected_clients.
 
     Updates are clipped again here (a no-op for honest clients, which clipped already), so the
@@ -79,7 +114,7 @@ def dp_aggregate(global_params: Params, updates: list[Params], clip_norm: float,
         # counts reproduce the non-DP aggregate bit for bit.
         new = sum((g + c[k]) * (1.0 / expected_clients) for c in clipped) + g * (1.0 - len(clipped) / expected_clients)
         if std:
-            new = new + torch.randn(v.shape, generator=generator, dtype=torch.float64) * (std / expected_clients)
+            new = new + gaussian(tuple(v.shape), generator) * (std / expected_clients)
         out[k] = new.to(v.dtype)
     return out
 
@@ -123,12 +158,15 @@ def epsilon(sampling_rate: float, noise_multiplier: float, rounds: int, delta: f
 
 
 def rounds_within(sampling_rate: float, noise_multiplier: float, delta: float, max_epsilon: float,
-                  rounds: int) -> int:
-    """The most rounds (<= `rounds`) whose epsilon stays <= max_epsilon (epsilon grows with rounds)."""
+                  rounds: int, epsilon_of: Callable[[int], float] | None = None) -> int:
+    """The most rounds (<= `rounds`) whose epsilon stays <= max_epsilon (epsilon grows with rounds).
+
+    epsilon_of: epsilon after r rounds (default: central DP's `epsilon` of these parameters)."""
+    eps = epsilon_of or (lambda r: epsilon(sampling_rate, noise_multiplier, r, delta))
     lo, hi = 0, rounds
     while lo < hi:  # binary search: largest r in [0, rounds] with epsilon(r) <= max_epsilon
         mid = (lo + hi + 1) // 2
-        if epsilon(sampling_rate, noise_multiplier, mid, delta) <= max_epsilon:
+        if eps(mid) <= max_epsilon:
             lo = mid
         else:
             hi = mid - 1

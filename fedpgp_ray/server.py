@@ -9,7 +9,8 @@ from typing import Any
 from fedpgp_ray.algorithms import Params
 from fedpgp_ray.checkpoint import CheckpointStore
 from fedpgp_ray.client import EvalResult, FitResult
-from fedpgp_ray.strategy import ClientFailure, FedAvgStrategy
+from fedpgp_ray.secagg.protocol import STAGES, SecAggAbort, SecAggServer
+from fedpgp_ray.strategy import ClientFailure, FedAvgStrategy, RoundFailedError
 
 
 class Server:
@@ -25,6 +26,7 @@ class Server:
         self.store = store
         self.completed_round = completed_round
         self.history = list(history or [])
+        self.secagg: SecAggServer | None = None  # the SecAgg server state of the round in progress
 
     @classmethod
     def resume_or_start(cls, strategy: FedAvgStrategy, initial: Params, store: CheckpointStore | None,
@@ -45,8 +47,32 @@ class Server:
         return self.history
 
     def aggregate_train(self, rnd: int, results: list[FitResult], failures: list[ClientFailure]) -> dict[str, float]:
-        self.params, metrics = self.strategy.aggregate_train(rnd, self.params, results, failures)
+        secure = None
+        if self.strategy.secagg is not None and self.params and (results or self.secagg is not None):
+            done, self.secagg = self.secagg, None  # the uploads are masked: use the unmasked sum
+            if done is None or done.total is None:
+                raise RoundFailedError(f"round {rnd}: secure aggregation did not complete: nothing aggregated")
+            secure = (done.signed_sum(), len(done.survivors), done.setup)
+        self.params, metrics = self.strategy.aggregate_train(rnd, self.params, results, failures, secure)
         return metrics
+
+    # -- secure aggregation: the server's side; the runtime carries the messages to and from clients ----
+    def secagg_start(self, rnd: int, clients: list[int]) -> dict[int, Any]:
+        """Set up round `rnd`'s SecAgg among `clients`; returns the first stage's message per client."""
+        dim = sum(v.numel() for v in self.params.values())
+        self.secagg = SecAggServer(self.strategy.secagg_setup(rnd, clients, dim))
+        return self.secagg.requests(STAGES[0])
+
+    def secagg_step(self, stage: str, responses: dict[int, Any]) -> dict[int, Any] | None:
+        """Take the clients' answers to `stage`; returns the next stage's messages (None after the last).
+        Too few survivors or shares: RoundFailedError, nothing unmasked."""
+        try:
+            self.secagg.receive(stage, responses)
+        except SecAggAbort as err:
+            self.secagg = None
+            raise RoundFailedError(str(err)) from None
+        following = STAGES.index(stage) + 1
+        return self.secagg.requests(STAGES[following]) if following < len(STAGES) else None
 
     def aggregate_evaluate(self, rnd: int, results: list[EvalResult]) -> dict[str, float]:
         return self.strategy.aggregate_evaluate(rnd, results)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import secrets
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,7 +18,10 @@ import numpy as np
 from fedpgp_ray import privacy as dp
 from fedpgp_ray.client import EvalResult, FitResult
 from fedpgp_ray.algorithms import Params
-from fedpgp_ray.config import ConfigError, PrivacyConfig
+from fedpgp_ray.config import ConfigError, PrivacyConfig, SecAggConfig
+from fedpgp_ray.secagg import ddp
+from fedpgp_ray.secagg.protocol import RoundSetup, make_setup
+from fedpgp_ray.secagg.ring import check_resolution, dequantize, ring_scale
 
 log = logging.getLogger(__name__)
 
@@ -107,11 +111,14 @@ class FedAvgStrategy:
     seed: makes sampling reproducible and identical across runtimes.
     privacy: DP-FedAvg when enabled (then `fraction` is the Poisson sampling rate q). With
         max_epsilon, num_rounds is cut to the rounds the budget allows (`stop_message` says so).
+    secagg: secure aggregation when enabled: the server gets only the unmasked sum of the round's
+        quantised updates (`secagg_setup`, `aggregate_secure`); with privacy, the noise comes from the
+        clients (distributed Skellam DP) and epsilon from `secagg.ddp`.
     """
 
     def __init__(self, num_clients: int, fraction: float, min_reporting: int, evaluate_every: int,
                  num_rounds: int, seed: int, privacy: PrivacyConfig | None = None, eval_fraction: float = 1.0,
-                 eval_count: int | None = None, final_all: bool = False) -> None:
+                 eval_count: int | None = None, final_all: bool = False, secagg: SecAggConfig | None = None) -> None:
         self.num_clients = num_clients
         self.eval_fraction = eval_fraction
         self.eval_count = eval_count
@@ -122,16 +129,18 @@ class FedAvgStrategy:
         self.num_rounds = num_rounds
         self.seed = seed
         self.privacy = privacy if privacy is not None and privacy.enabled else None
+        self.secagg = secagg if secagg is not None and secagg.enabled else None
         self.stop_message = ""
         if self.privacy is not None and self.privacy.max_epsilon is not None and num_rounds > 0:
             self._apply_budget()
 
     def _apply_budget(self) -> None:
         p, planned = self.privacy, self.num_rounds
-        allowed = dp.rounds_within(self.fraction, p.noise_multiplier, p.target_delta, p.max_epsilon, planned)
+        allowed = dp.rounds_within(self.fraction, p.noise_multiplier, p.target_delta, p.max_epsilon, planned,
+                                   self.epsilon)
         if allowed == planned:
             return
-        after = dp.epsilon(self.fraction, p.noise_multiplier, allowed + 1, p.target_delta)
+        after = self.epsilon(allowed + 1)
         if allowed == 0:
             raise ConfigError(f"config key 'privacy.max_epsilon' = {p.max_epsilon:g} is below the epsilon of a single "
                               f"round ({after:.3g} at delta={p.target_delta:g}): raise max_epsilon or "
@@ -150,9 +159,57 @@ class FedAvgStrategy:
         return sample_clients(self.num_clients, self.fraction, self.seed, rnd)
 
     def epsilon(self, rounds: int) -> float:
-        """epsilon at privacy.target_delta after `rounds` DP rounds (inf without noise)."""
+        """epsilon at privacy.target_delta after `rounds` DP rounds (inf without noise): central DP's RDP
+        accountant, or with SecAgg the distributed Skellam bound at the coarsest scale a round can use."""
         p = self.privacy
-        return dp.epsilon(self.fraction, p.noise_multiplier, rounds, p.target_delta)
+        if self.secagg is None:
+            return dp.epsilon(self.fraction, p.noise_multiplier, rounds, p.target_delta)
+        gamma = ring_scale(self.secagg.bits, self.num_clients, self._coord_range(), p.noise_multiplier,
+                           self.secagg.min_survivors)
+        return ddp.epsilon(self.fraction, p.noise_multiplier, rounds, p.target_delta, gamma, self._coord_range())
+
+    # -- secure aggregation ---------------------------------------------------------------------------
+    def _coord_range(self) -> float:
+        """Bound of every coordinate of an update: the DP clip norm, else secagg.clip_range."""
+        p = self.privacy
+        return p.clip_norm if p is not None and p.clip_norm is not None else self.secagg.clip_range
+
+    def secagg_setup(self, rnd: int, clients: list[int], dim: int) -> RoundSetup:
+        """The public parameters of round `rnd`'s SecAgg among `clients` (graph, threshold, scale, noise)."""
+        sa, p = self.secagg, self.privacy
+        if len(clients) < sa.min_survivors:
+            raise RoundFailedError(f"round {rnd}: only {len(clients)} clients reported, fewer than "
+                                   f"secagg.min_survivors={sa.min_survivors}: nothing aggregated")
+        z = p.noise_multiplier if p is not None else 0.0
+        r = self._coord_range()
+        gamma = ring_scale(sa.bits, len(clients), r, z, sa.min_survivors)
+        check_resolution(gamma, r, dim, sa.bits)
+        noise = ddp.client_noise_variance(z, gamma, r, dim, sa.min_survivors) if z > 0 else 0.0
+        seeded = p is None or p.seeded  # the graph is public; its randomness is the server's
+        rng = np.random.default_rng([self.seed, 23, rnd] if seeded else secrets.randbits(128))
+        return make_setup(rnd, clients, dim, sa.bits, gamma, r, sa.min_survivors, sa.threshold, rng, sa.degree, noise)
+
+    def secagg_skips(self, sampled: list[int], global_params: Params) -> bool:
+        """Under SecAgg, a round that sampled fewer than secagg.min_survivors clients makes no update: their
+        sum would not hide one client (nor, with DP, carry the full noise). Poisson sampling makes it happen."""
+        return self.secagg is not None and bool(global_params) and len(sampled) < self.secagg.min_survivors
+
+    def aggregate_secure(self, rnd: int, global_params: Params, total: np.ndarray, survivors: int,
+                         setup: RoundSetup) -> tuple[Params, dict[str, float]]:
+        """New global params from the unmasked integer sum of `survivors` clients' updates.
+
+        Without DP: global + sum / survivors (unweighted: sample counts would have to be aggregated too).
+        With DP: global + sum / (q N), the fixed denominator of DP-FedAvg; the noise is already in the sum.
+        """
+        step = dequantize(total, setup.gamma) / (self.fraction * self.num_clients if self.privacy is not None
+                                                  else survivors)
+        delta = dp.unflatten(step, global_params)
+        new = {k: (global_params[k].double() + delta[k]).to(global_params[k].dtype) for k in global_params}
+        metrics = {"secagg/survivors": float(survivors), "secagg/threshold": float(setup.threshold),
+                   "secagg/degree": float(min(len(v) for v in setup.neighbours.values()))}
+        if self.privacy is not None:
+            metrics["privacy/epsilon"] = self.epsilon(rnd)
+        return new, metrics
 
     def aggregate_params(self, rnd: int, global_params: Params, uploads: list[tuple[Params, int]]
                          ) -> tuple[Params, dict[str, float]]:
@@ -173,16 +230,20 @@ class FedAvgStrategy:
         return new, {"privacy/epsilon": self.epsilon(rnd)}
 
     def aggregate_train(self, rnd: int, global_params: Params, results: list[FitResult],
-                        failures: list[ClientFailure]) -> tuple[Params, dict[str, float]]:
-        for failure in failures:
+                        failures: list[ClientFailure], secure: tuple[np.ndarray, int, RoundSetup] | None = None
+                        ) -> tuple[Params, dict[str, float]]:
+        """secure: (unmasked sum, survivors, setup) of the round's SecAgg, which replaces the uploads."""
+        if self.private_ids and failures:  # under DP or SecAgg: counts only, never which clients took part
+            log.warning("round %d: %d clients failed (first reason: %s)", rnd, len(failures), failures[0].reason)
+        for failure in ([] if self.private_ids else failures):
             log.warning("round %d: client %d failed: %s", rnd, failure.client_id, failure.reason)
         required = min(self.min_reporting, self.num_clients)
         if self.privacy is not None:  # Poisson sampling may pick fewer clients (even none): a noise-only round
             required = min(required, len(results) + len(failures))
         if len(results) < required:
+            failed = f"{len(failures)} failed" + ("" if self.private_ids else f": {[f.client_id for f in failures]}")
             raise RoundFailedError(f"round {rnd}: only {len(results)} clients reported, fewer than "
-                                   f"federation.min_reporting_clients={self.min_reporting} "
-                                   f"({len(failures)} failed: {[f.client_id for f in failures]})")
+                                   f"federation.min_reporting_clients={self.min_reporting} ({failed})")
         metrics = {"clients_reported": float(len(results)), "clients_failed": float(len(failures)),
                    "bytes_uploaded": float(sum(t.numel() * t.element_size()
                                                 for r in results for t in r.params.values()))}
@@ -190,8 +251,21 @@ class FedAvgStrategy:
             metrics[f"train_{key}"] = float(np.mean([r.metrics[key] for r in results if key in r.metrics]))
         if not global_params:  # nothing global (Local): nothing to aggregate
             return global_params, metrics
+        if secure is not None:
+            new, secure_metrics = self.aggregate_secure(rnd, global_params, *secure)
+            return new, {**metrics, **secure_metrics}
+        if self.secagg is not None:  # a round with too few sampled clients (secagg_skips): no update
+            log.warning("round %d: fewer than secagg.min_survivors=%d clients sampled: no update this round",
+                        rnd, self.secagg.min_survivors)
+            skipped = {"secagg/skipped": 1.0, **({"privacy/epsilon": self.epsilon(rnd)} if self.privacy else {})}
+            return global_params, {**metrics, **skipped}
         new, privacy_metrics = self.aggregate_params(rnd, global_params, [(r.params, r.num_examples) for r in results])
         return new, {**metrics, **privacy_metrics}
+
+    @property
+    def private_ids(self) -> bool:
+        """Under DP or SecAgg, which clients took part in a round is not recorded (counts only)."""
+        return self.privacy is not None or self.secagg is not None
 
     def configure_evaluate(self, rnd: int) -> list[int] | None:
         if rnd == self.num_rounds and self.final_all:

@@ -82,7 +82,7 @@ BITS, DIM = 32, 257
 def make_round(n: int, seed: int = 0, min_survivors: int = 3, degree: int | None = None, noise: float = 0.0):
     rng = np.random.default_rng(seed)
     ids = sorted(rng.choice(10 * n, size=n, replace=False).tolist())
-    gamma = ring_scale(BITS, n, 1.0, DIM)
+    gamma = ring_scale(BITS, n, 1.0)
     setup = make_setup(1, ids, DIM, BITS, gamma, 1.0, min_survivors, 0.5, rng, degree=degree, noise_variance=noise)
     clients = {c: SecAggClient(c, setup, rng.uniform(-1, 1, DIM), np.random.default_rng([seed, c])) for c in ids}
     return setup, clients
@@ -215,10 +215,16 @@ def test_zhu_wang_bound_is_an_upper_bound_close_to_dp_accounting_for_the_gaussia
 
 
 def test_ddp_epsilon_tracks_central_dp_with_fine_quantisation():
-    gamma = ring_scale(32, 200, 0.1, 1024, 1.0, 15)
-    eps = ddp.epsilon(0.1, 1.0, 60, 1e-4, gamma, 0.1, 1024)
+    gamma = ring_scale(32, 200, 0.1, 1.0, 15)
+    eps = ddp.epsilon(0.1, 1.0, 60, 1e-4, gamma, 0.1)
     central = privacy.epsilon(0.1, 1.0, 60, 1e-4)
     assert central <= eps < 1.3 * central
-    coarse = ddp.epsilon(0.1, 1.0, 60, 1e-4, 10.0, 0.1, 1024)  # gamma C = 1 << sqrt(d): the Skellam term bites
+    coarse = ddp.epsilon(0.1, 1.0, 60, 1e-4, 10.0, 0.1)  # gamma C = 1: the Skellam correction bites
     assert coarse > eps
-    assert ddp.epsilon(0.1, 0.0, 5, 1e-4, gamma, 0.1, 1024) == math.inf
+    assert ddp.epsilon(0.1, 0.0, 5, 1e-4, gamma, 0.1) == math.inf
+    # the d-free correction bounds Agarwal et al.'s term for any d with gamma C >= sqrt(d)
+    for d in (1, 1024, 8192):
+        d2, d1 = ddp.sensitivity(gamma, 0.1, d)
+        for a in (2, 10, 100):
+            exact = ddp.skellam_rdp(a, d2, d1, d2 ** 2)
+            assert exact <= a / 2 + (2 * a + 5) / (4 * (gamma * 0.1) ** 2) * (1 + 1e-9)

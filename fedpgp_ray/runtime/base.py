@@ -5,6 +5,7 @@ import math
 import sys
 import time
 from abc import ABC, abstractmethod
+from typing import Any
 
 from fedpgp_ray.algorithms import Params
 from fedpgp_ray.client import EvalResult, FitResult
@@ -70,6 +71,11 @@ class Runtime(ABC):
     def evaluate(self, rnd: int, client_ids: list[int], global_params: Params
                  ) -> tuple[list[EvalResult], list[ClientFailure]]:
         """Evaluate the given clients' classifiers; results sorted by client id."""
+
+    def secagg_exchange(self, rnd: int, stage: str, requests: dict[int, Any]) -> dict[int, Any]:
+        """Deliver the server's SecAgg `stage` message to each client and return the answers of those that
+        answered (a client that died or failed is absent: a dropout). See fedpgp_ray.secagg.protocol."""
+        raise NotImplementedError(f"{type(self).__name__} does not run secure aggregation")
 
     def dataset_manifest(self) -> dict | None:
         """What the clients loaded (ClientWorker.dataset_manifest), for results.json; None if unknown."""

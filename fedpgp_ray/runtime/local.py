@@ -1,6 +1,8 @@
 """In-process runtime: one ClientWorker runs every client in turn (debugging, tests, laptops)."""
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from fedpgp_ray.algorithms import Params
@@ -42,3 +44,6 @@ class LocalRuntime(Runtime):
             done.append(work(cid))
             progress.client_done(len(done))
         return done
+
+    def secagg_exchange(self, rnd: int, stage: str, requests: dict[int, Any]) -> dict[int, Any]:
+        return self.worker.secagg_batch(rnd, stage, requests)

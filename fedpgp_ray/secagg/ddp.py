@@ -14,7 +14,8 @@ not privacy: the Gaussian part of the RDP is exactly alpha / (2 z^2)).
 Accounting (dp-accounting has no Skellam event, so the bound is assembled here and documented):
 * Skellam RDP, Agarwal et al. Thm 3.5 with variance mu = (z Delta2)^2 per coordinate, integer alpha:
   eps(alpha) <= alpha Delta2^2 / (2 mu) + min(((2 alpha - 1) Delta2^2 + 6 Delta1) / (4 mu^2), 3 Delta1 / (2 mu));
-  evaluated at the smallest gamma any round can use (all N clients sampled), where it is largest.
+  evaluated at the smallest gamma any round can use (all N clients sampled), where it is largest,
+  and bounded free of d (see `epsilon`).
 * Poisson subsampling with rate q: the general upper bound of Zhu & Wang (ICML 2019, Thm 6) for any
   mechanism, at integer orders 2..256, and never more than the unsampled eps(alpha).
 * rounds compose additively; (eps, delta) by dp-accounting's `compute_epsilon` (its RDP conversion).
@@ -66,16 +67,21 @@ def subsampled_rdp(alpha: int, q: float, eps) -> float:
 
 
 def epsilon(sampling_rate: float, noise_multiplier: float, rounds: int, delta: float, gamma: float,
-            clip_norm: float, dim: int) -> float:
-    """epsilon at delta after `rounds` rounds of the Poisson-subsampled distributed Skellam mechanism."""
+            clip_norm: float) -> float:
+    """epsilon at delta after `rounds` rounds of the Poisson-subsampled distributed Skellam mechanism.
+
+    gamma: the smallest quantisation scale any round uses. Free of the dimension d: with
+    mu = (z Delta2)^2 the first Skellam term is alpha / (2 z^2), and since Delta2 >= gamma C and
+    Delta1 <= sqrt(d) Delta2 <= Delta2^2, the correction is at most (2 alpha + 5) / (4 z^4 (gamma C)^2).
+    """
     if rounds <= 0:
         return 0.0
     if noise_multiplier <= 0:
         return math.inf
     from dp_accounting.rdp.rdp_privacy_accountant import compute_epsilon  # seconds of imports non-DP runs skip
 
-    d2, d1 = sensitivity(gamma, clip_norm, dim)
-    mu = (noise_multiplier * d2) ** 2
-    per_round = [subsampled_rdp(a, sampling_rate, lambda j: skellam_rdp(j, d2, d1, mu)) for a in ORDERS]
+    z, scaled = noise_multiplier, gamma * clip_norm
+    rdp = lambda a: a / (2 * z * z) + (2 * a + 5) / (4 * z ** 4 * scaled ** 2)
+    per_round = [subsampled_rdp(a, sampling_rate, rdp) for a in ORDERS]
     eps, _ = compute_epsilon(ORDERS, list(np.asarray(per_round) * rounds), delta)
     return float(eps)

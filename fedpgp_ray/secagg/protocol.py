@@ -156,7 +156,7 @@ class SecAggServer:
         """The message the server sends each client at the start of `stage`."""
         s = self.setup
         if stage == "advertise":
-            return {u: None for u in s.clients}
+            return {u: s for u in s.clients}
         if stage == "share":
             return {u: {v: self.keys[v] for v in s.neighbours[u] if v in self.keys} for u in self.keys}
         if stage == "masked_input":

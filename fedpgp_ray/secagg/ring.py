@@ -15,19 +15,27 @@ import numpy as np
 NOISE_TAIL = 12.0  # headroom for DP noise: 12 standard deviations of the summed noise per coordinate
 
 
-def ring_scale(bits: int, clients: int, coord_range: float, dim: int = 0, noise_multiplier: float = 0.0,
-               min_survivors: int = 1) -> float:
+def ring_scale(bits: int, clients: int, coord_range: float, noise_multiplier: float = 0.0,
+               min_survivors: int = 2) -> float:
     """gamma such that n clients' values in [-r, r] (and the noise DDP adds) sum without wrap-around.
 
-    With noise (z > 0): each coordinate of the sum also carries noise of std at most
-    z (gamma r + sqrt(d)) sqrt(n / (M - 1)) (see secagg.ddp); NOISE_TAIL of those fit too.
+    With noise (z > 0) each coordinate of the sum also carries noise of std at most
+    z (gamma r + sqrt(d)) sqrt(n / (M - 1)) <= 2 z gamma r sqrt(n / (M - 1)) (secagg.ddp; gamma r >= sqrt(d)
+    is checked by `check_resolution`); NOISE_TAIL of those fit too. Independent of the dimension d.
     """
     half = 2.0 ** (bits - 1) - 1
-    spread = math.sqrt(max(clients / max(min_survivors - 1, 1), 1.0)) * NOISE_TAIL * noise_multiplier
-    gamma = (half - clients - spread * math.sqrt(dim)) / (coord_range * (clients + spread))
-    if gamma < 1.0:
+    spread = 2 * NOISE_TAIL * noise_multiplier * math.sqrt(max(clients / max(min_survivors - 1, 1), 1.0))
+    gamma = (half - clients) / (coord_range * (clients + spread))
+    if gamma * coord_range < 1.0:
         raise ValueError(f"secagg: a ring of 2^{bits} cannot hold the sum of {clients} clients: raise secagg.bits")
     return gamma
+
+
+def check_resolution(gamma: float, coord_range: float, dim: int, bits: int) -> None:
+    """gamma r >= sqrt(d): rounding error (< sqrt(d) in L2) stays below the clip bound (ring_scale needs it)."""
+    if gamma * coord_range < math.sqrt(dim):
+        raise ValueError(f"secagg: a ring of 2^{bits} leaves {gamma * coord_range:.0f} quantisation levels for a "
+                         f"{dim}-dimensional update (needs >= sqrt(d) = {math.sqrt(dim):.0f}): raise secagg.bits")
 
 
 def quantize(values: np.ndarray, coord_range: float, gamma: float, rng: np.random.Generator) -> np.ndarray:
