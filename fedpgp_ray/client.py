@@ -373,15 +373,17 @@ class ClientWorker:
         return out
 
     # -- evaluate -------------------------------------------------------------------------------------
-    @torch.inference_mode()
     def evaluate(self, client_id: int, rnd: int, global_params: Params) -> EvalResult:
         """Local / Base / Novel accuracy (%) of the client's classifier (global + its personal params)."""
+        # the state is restored outside inference mode: tensors made inside it could not be trained later
+        # (a replacement actor may evaluate a client before it next fits)
         state = self.state(client_id, rnd + 1)
-        params = {k: v.to(self.device) for k, v in {**global_params, **state.personal}.items()}
-        part = self.partition.clients[client_id]
-        metrics = {"local": self._accuracy(params, part.local), "base": self._accuracy(params, self.partition.base)}
-        if self.partition.novel is not None:
-            metrics["novel"] = self._accuracy(params, self.partition.novel)
+        with torch.inference_mode():
+            params = {k: v.to(self.device) for k, v in {**global_params, **state.personal}.items()}
+            part = self.partition.clients[client_id]
+            metrics = {"local": self._accuracy(params, part.local), "base": self._accuracy(params, self.partition.base)}
+            if self.partition.novel is not None:
+                metrics["novel"] = self._accuracy(params, self.partition.novel)
         return EvalResult(client_id, metrics)
 
     def _accuracy(self, params: Params, eval_set: EvalSet) -> float:

@@ -127,6 +127,12 @@ class ClientActor:
             raise self.start_error
         return self.worker.evaluate(client_id, rnd, global_params)
 
+    def secagg_batch(self, rnd: int, stage: str, requests: dict[int, Any]) -> dict[int, Any]:
+        """One SecAgg stage for this actor's clients of the round (ClientWorker.secagg_batch)."""
+        if self.start_error is not None:
+            raise self.start_error
+        return self.worker.secagg_batch(rnd, stage, requests)
+
     def ping(self, payload: Any = None) -> int:
         """A no-op task (measures Ray's per-task overhead)."""
         return 0

@@ -115,7 +115,10 @@ def dispatch(rt: ActorPool, method: str, rnd: int, client_ids: list[int], global
         if lost and (not was_running or charge(lost[0], reason)):
             keep.insert(0, lost[0].client_id)
         queues[slot].extendleft(reversed(keep))
-        log.warning("round %d: client actor %d %s; replacing it and re-queueing clients %s", rnd, slot, reason, keep)
+        private = rt.cfg.privacy.enabled or rt.cfg.secagg.enabled  # DP / SecAgg: counts, never client ids
+        log.warning("round %d: client actor %d %s; replacing it and re-queueing %s", rnd, slot,
+                    reason.split(" of client ")[0] if private else reason,
+                    f"{len(keep)} clients" if private else f"clients {keep}")
         starting[rt.replace_actor(slot)] = (slot, time.monotonic())
         slot_free_at[slot] = math.inf  # its tasks' clocks start once it has started
         counters["actor_restarts"] += 1

@@ -25,12 +25,15 @@ class FaultPlan:
     fail: set[int] = field(default_factory=set)
     hang: set[tuple[int, int]] = field(default_factory=set)
     fired: set[tuple[int, int]] = field(default_factory=set)  # the kills already done
+    # (round, SecAgg stage, client): the actor serving that client is killed just before the stage is sent
+    secagg_kill: set[tuple[int, str, int]] = field(default_factory=set)
 
     @classmethod
     def from_json(cls, text: str | None) -> "FaultPlan":
         data = json.loads(text) if text else {}
         return cls(kill={tuple(p) for p in data.get("kill", [])}, exit={tuple(p) for p in data.get("exit", [])},
-                   fail=set(data.get("fail", [])), hang={tuple(p) for p in data.get("hang", [])})
+                   fail=set(data.get("fail", [])), hang={tuple(p) for p in data.get("hang", [])},
+                   secagg_kill={tuple(p) for p in data.get("secagg_kill", [])})
 
     def fault_for(self, method: str, rnd: int, client_id: int, attempt: int) -> str | None:
         """The fault to inject into this attempt of a client's task (only fits are faulted)."""

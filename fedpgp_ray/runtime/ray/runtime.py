@@ -18,7 +18,7 @@ from fedpgp_ray.client import EvalResult, FitResult
 from fedpgp_ray.config import ExperimentConfig
 from fedpgp_ray.runtime.base import Runtime, status, worker_threads
 from fedpgp_ray.runtime.ray.actors import RemoteClientActor, RemoteServerActor, process_memory, unwrap
-from fedpgp_ray.runtime.ray.dispatch import dispatch
+from fedpgp_ray.runtime.ray.dispatch import dispatch, task_timeout
 from fedpgp_ray.runtime.ray.faults import FAULTS_ENV, FaultPlan
 from fedpgp_ray.runtime.ray.placement import GpuFallbackWarning, actor_bundle, connect, gpus_per_actor, place_actors
 from fedpgp_ray.runtime.ray.server_proxy import ServerProxy
@@ -156,6 +156,40 @@ class RayRuntime(Runtime):
     def evaluate(self, rnd: int, client_ids: list[int], global_params: Params
                  ) -> tuple[list[EvalResult], list[ClientFailure]]:
         return self._phase("evaluate", rnd, client_ids, global_params)
+
+    def secagg_exchange(self, rnd: int, stage: str, requests: dict[int, Any]) -> dict[int, Any]:
+        """One SecAgg stage: one task per actor carrying its clients' messages. An actor that dies or hangs
+        (runtime.task_timeout_s) takes its clients out of the round (dropouts, which the protocol recovers
+        from or fails the round on); it is replaced for the next round. No retries: a restarted client has
+        lost its keys."""
+        by_slot: dict[int, dict[int, Any]] = {}
+        for cid, request in requests.items():
+            by_slot.setdefault(self.slot_of(cid), {})[cid] = request
+        for rnd_, stage_, cid in sorted(self.faults.secagg_kill):
+            if (rnd_, stage_) == (rnd, stage) and self.slot_of(cid) in by_slot:
+                log.warning("fault injection: killing a client actor before SecAgg stage %s", stage)
+                ray.kill(self.actors[self.slot_of(cid)], no_restart=True)
+        pending = {self.actors[slot].secagg_batch.remote(rnd, stage, batch): slot for slot, batch in by_slot.items()}
+        deadline = time.monotonic() + task_timeout(self.rc.task_timeout_s, self.slowest_task_s)
+        out: dict[int, Any] = {}
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=max(deadline - time.monotonic(), 0.0))
+            if not ready:  # hung actors: their clients drop out
+                for slot in pending.values():
+                    ray.kill(self.actors[slot], no_restart=True)
+                    self.replace_actor(slot)
+                log.warning("round %d: %d client actors timed out in SecAgg stage %s", rnd, len(pending), stage)
+                break
+            slot = pending.pop(ready[0])
+            try:
+                out.update(ray.get(ready[0]))
+            except RayActorError:
+                log.warning("round %d: a client actor died in SecAgg stage %s; its %d clients drop out", rnd, stage,
+                            len(by_slot[slot]))
+                self.replace_actor(slot)
+            except RayTaskError as err:
+                raise unwrap(err) from None
+        return out
 
     def phase_metrics(self, phase: str) -> dict[str, float]:
         """Fault counters of the last `phase` ("fit" / "evaluate"), named for the round metrics."""

@@ -48,3 +48,9 @@ class ServerProxy:
 
     def finish_round(self, rnd: int, report: dict[str, Any]) -> None:
         self._call("finish_round", rnd, report)
+
+    def secagg_start(self, rnd: int, clients: list[int]) -> dict[int, Any]:
+        return self._call("secagg_start", rnd, clients)
+
+    def secagg_step(self, stage: str, responses: dict[int, Any]) -> dict[int, Any] | None:
+        return self._call("secagg_step", stage, responses)
