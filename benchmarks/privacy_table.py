@@ -5,6 +5,8 @@
                                        [--json docs/results/privacy_table.json]
     python benchmarks/privacy_table.py --table-only [--json FILE]   # print the table of a saved JSON
     python benchmarks/privacy_table.py --overhead                   # DP's extra work per round, timed
+    python benchmarks/privacy_table.py --secagg-at 1 --json docs/results/secagg_privacy_table.json
+        # central DP at z = 1 against SecAgg + distributed (Skellam) DP at the same epsilon
 
 The offline world (64 classes, 64 training images per class, Dirichlet(0.5) label skew over
 `--clients` clients, at most 16 shots per class and client), one local epoch per round, in-process
@@ -32,10 +34,12 @@ from fedpgp_ray.runtime import build_runtime
 COLS = ("local", "base", "novel", "hm3")
 
 
-def world_config(seed: int, args: argparse.Namespace, algorithm: str, noise: float | None) -> dict:
+def world_config(seed: int, args: argparse.Namespace, algorithm: str, noise: float | None,
+                 secagg: bool = False) -> dict:
     privacy = {"enabled": False} if noise is None else {
         "enabled": True, "noise_multiplier": noise, "clip_norm": args.clip, "target_delta": args.delta, "seeded": True}
     return {
+        **({"secagg": {"enabled": True, "min_survivors": args.min_survivors}} if secagg else {}),
         "seed": seed, "output_dir": "/tmp/fedpgp-privacy-table",
         "data": {"partition": "dirichlet", "beta": 0.5, "shots": 16,
                  "world": {"num_classes": 64, "train_per_class": 64, "test_per_class": 20}},
@@ -49,13 +53,13 @@ def world_config(seed: int, args: argparse.Namespace, algorithm: str, noise: flo
     }
 
 
-def run_one(seed: int, args: argparse.Namespace, algorithm: str, noise: float | None) -> dict:
-    cfg = config_from_dict(world_config(seed, args, algorithm, noise))
+def run_one(seed: int, args: argparse.Namespace, algorithm: str, noise: float | None, secagg: bool = False) -> dict:
+    cfg = config_from_dict(world_config(seed, args, algorithm, noise, secagg))
     began = time.perf_counter()
     with build_runtime(cfg, None, feature_cache_dir()) as runtime:
         doc = run_federation(cfg, runtime)
     train_rounds = [r["metrics"]["round_seconds"] for r in doc["rounds"] if r["round"] > 0]
-    return {"setting": label(algorithm, noise), "seed": seed, "noise": noise, "final": doc["final"],
+    return {"setting": label(algorithm, noise, secagg), "seed": seed, "noise": noise, "final": doc["final"],
             "epsilon": doc.get("privacy", {}).get("epsilon"), "privacy": doc.get("privacy"),
             "seconds_per_round": statistics.mean(train_rounds) if train_rounds else 0.0,
             "clients_per_round": statistics.mean([r["metrics"].get("clients_sampled", 0) for r in doc["rounds"]
@@ -63,10 +67,26 @@ def run_one(seed: int, args: argparse.Namespace, algorithm: str, noise: float | 
             "wall_seconds": time.perf_counter() - began}
 
 
-def label(algorithm: str, noise: float | None) -> str:
+def label(algorithm: str, noise: float | None, secagg: bool = False) -> str:
     if algorithm == "clip":
         return "zero-shot CLIP"
+    if secagg:
+        return f"FedPGP SecAgg + distributed DP z={noise:.3f}"
     return "FedPGP (no DP)" if noise is None else f"FedPGP DP z={noise:g}"
+
+
+def ddp_noise_for(args: argparse.Namespace, central_noise: float) -> float:
+    """The noise multiplier at which SecAgg + distributed Skellam DP reaches central DP's epsilon (bisection)."""
+    from fedpgp_ray import privacy
+    from fedpgp_ray.federation import build_strategy
+
+    target = privacy.epsilon(args.fraction, central_noise, args.rounds, args.delta)
+    eps = lambda z: build_strategy(config_from_dict(world_config(0, args, "fedpgp", z, True))).epsilon(args.rounds)
+    lo, hi = central_noise, 4 * central_noise
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if eps(mid) <= target else (mid, hi)
+    return hi
 
 
 def table(runs: list[dict]) -> str:
@@ -153,6 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default="docs/results/privacy_table.json")
     parser.add_argument("--table-only", action="store_true")
     parser.add_argument("--overhead", action="store_true")
+    parser.add_argument("--secagg-at", type=float, default=None, metavar="Z",
+                        help="only central DP at noise Z and SecAgg + distributed DP at the same epsilon")
+    parser.add_argument("--min-survivors", type=int, default=10, help="secagg.min_survivors of the SecAgg runs")
     args = parser.parse_args(argv)
     if args.overhead:
         print(overhead(args))
@@ -163,12 +186,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     torch.set_num_threads(1)
     seeds = [int(s) for s in args.seeds.split(",")]
-    settings = [("clip", None), ("fedpgp", None)] + [("fedpgp", float(z)) for z in args.noise.split(",")]
+    settings = [("clip", None, False), ("fedpgp", None, False)] + [("fedpgp", float(z), False)
+                                                                   for z in args.noise.split(",")]
+    if args.secagg_at is not None:
+        settings = [("fedpgp", args.secagg_at, False), ("fedpgp", ddp_noise_for(args, args.secagg_at), True)]
     doc = {"args": vars(args), "runs": []}
     began = time.perf_counter()
     for seed in seeds:  # every setting of a seed before the next seed: a cut-short sweep still covers all rows
-        for algorithm, noise in settings:
-            run = run_one(seed, args, algorithm, noise)
+        for algorithm, noise, secagg in settings:
+            run = run_one(seed, args, algorithm, noise, secagg)
             doc["runs"].append(run)
             doc["sweep_seconds"] = time.perf_counter() - began
             out.parent.mkdir(parents=True, exist_ok=True)

@@ -136,7 +136,11 @@ class CheckpointStore:
     def trained_before(self, client_id: int, before_round: int) -> bool:
         """Whether the server's checkpointed history shows `client_id` training in a round < before_round."""
         saved = self.latest_server() if before_round > 1 else None
-        return saved is not None and client_id in trained_clients(saved.get("history", []), before_round - 1)
+        if saved is None:
+            return False
+        first = saved.get("first_trained", {}).get(client_id)  # DP / SecAgg runs: the history names no clients
+        return client_id in trained_clients(saved.get("history", []), before_round - 1) or \
+            (first is not None and first <= before_round - 1)
 
     # -- start-up check: can this process read what the driver wrote? --------------------------------
     def write_marker(self) -> str:

@@ -27,6 +27,9 @@ class Server:
         self.completed_round = completed_round
         self.history = list(history or [])
         self.secagg: SecAggServer | None = None  # the SecAgg server state of the round in progress
+        # under DP / SecAgg the published history names no clients; the server's own checkpoint keeps the
+        # round each client first trained in (what CheckpointStore.trained_before needs), and nothing else
+        self.first_trained: dict[int, int] = {}
 
     @classmethod
     def resume_or_start(cls, strategy: FedAvgStrategy, initial: Params, store: CheckpointStore | None,
@@ -35,7 +38,9 @@ class Server:
         saved = store.latest_server() if (resume and store is not None) else None
         if saved is None:
             return cls(strategy, initial, store)
-        return cls(strategy, saved["global_params"], store, saved["round"], saved["history"])
+        server = cls(strategy, saved["global_params"], store, saved["round"], saved["history"])
+        server.first_trained = dict(saved.get("first_trained", {}))
+        return server
 
     def global_params(self) -> Params:
         return self.params
@@ -54,6 +59,9 @@ class Server:
                 raise RoundFailedError(f"round {rnd}: secure aggregation did not complete: nothing aggregated")
             secure = (done.signed_sum(), len(done.survivors), done.setup)
         self.params, metrics = self.strategy.aggregate_train(rnd, self.params, results, failures, secure)
+        if self.strategy.private_ids:
+            for r in results:
+                self.first_trained.setdefault(r.client_id, rnd)
         return metrics
 
     # -- secure aggregation: the server's side; the runtime carries the messages to and from clients ----
@@ -82,4 +90,5 @@ class Server:
         self.history.append(report)
         self.completed_round = rnd
         if self.store is not None:
-            self.store.save_server(rnd, {"global_params": self.params, "history": self.history})
+            extra = {"first_trained": self.first_trained} if self.first_trained else {}
+            self.store.save_server(rnd, {"global_params": self.params, "history": self.history, **extra})

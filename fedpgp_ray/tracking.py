@@ -377,6 +377,9 @@ class MlflowTracker:
         from fedpgp_ray.checkpoint import CheckpointStore
 
         store = CheckpointStore(self.storage.child("checkpoints"))
+        config = results.get("config", {})
+        if config.get("privacy", {}).get("enabled") or config.get("secagg", {}).get("enabled"):
+            return  # DP / SecAgg: a client's state file names its last training round; it stays in the run directory
         for cid in store.client_ids():
             newest = store.newest_client_file(cid)
             if newest:  # the newest state: the client's final personal adapters (and optimizer state)

@@ -95,8 +95,8 @@ def test_noise_std_is_noise_multiplier_times_clip_norm():
 
 
 def test_unseeded_noise_differs_between_runs_and_seeded_repeats():
-    a = torch.randn(5, generator=dp.noise_generator(None, 1))
-    b = torch.randn(5, generator=dp.noise_generator(None, 1))
+    assert dp.noise_generator(None, 1) is None  # unseeded: the CSPRNG (AES-256-CTR keyed from os.urandom)
+    a, b = dp.gaussian((5,), None), dp.gaussian((5,), None)
     assert not torch.equal(a, b)
     assert torch.equal(torch.randn(5, generator=dp.noise_generator(7, 1)), torch.randn(5, generator=dp.noise_generator(7, 1)))
     assert not torch.equal(torch.randn(5, generator=dp.noise_generator(7, 1)), torch.randn(5, generator=dp.noise_generator(7, 2)))
@@ -193,9 +193,11 @@ def _sigma_and_final(cfg) -> tuple[torch.Tensor, dict]:
 @pytest.mark.slow
 def test_run_with_no_noise_and_no_clipping_equals_non_dp_fedpgp(tmp_path):
     """All clients every round (q = 1, so Poisson sampling picks exactly the non-DP sample) with equal
-    sample counts (so the unweighted mean is the weighted one): the DP path must reproduce FedPGP."""
-    plain = make_cfg(tmp_path, ["train.rounds=2"])
-    private = make_cfg(tmp_path, ["train.rounds=2", *DP_ON, "privacy.noise_multiplier=0", "privacy.clip_norm=null"])
+    sample counts (so the unweighted mean is the weighted one) and SGD without momentum (DP keeps no
+    momentum of the global prompt between rounds): the DP path must reproduce FedPGP."""
+    plain = make_cfg(tmp_path, ["train.rounds=2", "train.momentum=0"])
+    private = make_cfg(tmp_path, ["train.rounds=2", "train.momentum=0", *DP_ON, "privacy.noise_multiplier=0",
+                                  "privacy.clip_norm=null"])
     worker = ClientWorker(plain, device="cpu")
     assert len({len(c.train_indices) for c in worker.partition.clients}) == 1  # equal n_i: a fair comparison
     sigma_plain, doc_plain = _sigma_and_final(plain)
@@ -265,3 +267,10 @@ def test_results_table_shows_epsilon_only_for_dp_runs():
     assert lines[0].split()[-1] == "EPSILON"
     assert [line.split()[-1] for line in lines[1:4]] == ["-", "2.35", "inf"]
     assert "delta=1e-05" in lines[-1]
+
+
+def test_secure_normal_is_standard_normal():
+    from scipy import stats
+    sample = dp.secure_normal((20000,)).numpy()
+    assert stats.kstest(sample, "norm").pvalue > 1e-4
+    assert dp.secure_normal((3, 4)).shape == (3, 4)

@@ -209,13 +209,17 @@ def experiment_config_from_args(args: Any) -> ExperimentConfig:
         _set(data, "model.device", "auto" if get(args, "using_gpu") else "cpu")
     _set(data, "algorithm.name", algorithm)
     try:
-        return config_from_dict(data)
+        cfg = config_from_dict(data)
     except ConfigError as err:
         message = str(err)
         for field, key in {**DIRECT, "client_num_per_round": "federation.client_fraction",
                            "federated_optimizer": "algorithm.name"}.items():
             message = message.replace(f"'{key}'", f"'{key}' (FedML {where(field)})")
         raise FedMLConfigError(f"FedML config: {message}") from None
+    if cfg.secagg.enabled:
+        raise FedMLConfigError("FedML config: fedpgp_config.secagg.enabled is not supported on FedML (its transport "
+                               "has no SecAgg stages): use fedpgp-ray's in-process or Ray runtime, or set it to false")
+    return cfg
 
 
 # -- loading FedML arguments offline -----------------------------------------------------------------------

@@ -118,3 +118,13 @@ def test_cross_silo_dp_refuses_more_rounds_than_the_budget_allows(registered):
     assert "stopping after round 1 of 2" in msg and "train_args.comm_round (train.rounds) to 1" in msg
     simulated = registered.load_arguments(cfg)  # sp stops at the budget by itself
     assert FedPGPServerAggregator(registered.create_model(simulated), simulated).strategy.num_rounds == 1
+
+
+def test_secagg_is_refused_in_one_line(registered):
+    from fedpgp_fedml import FedMLConfigError, experiment_config_from_args
+
+    cfg = copy.deepcopy(SMALL)
+    cfg["fedpgp_args"]["fedpgp_config"]["secagg"] = {"enabled": True}
+    with pytest.raises(FedMLConfigError, match="secagg.enabled is not supported") as err:
+        experiment_config_from_args(registered.load_arguments(cfg))
+    assert "\n" not in str(err.value)
