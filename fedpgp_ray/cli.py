@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pretrain": ("fedpgp_ray.pretrain", "pretrain the tiny CLIP on the procedural world"),
     "bench": ("fedpgp_ray.bench", "time rounds in-process vs Ray actors, Ray task overhead, peak memory"),
     "predict": ("fedpgp_ray.predict", "classify images with a trained client's classifier (MLflow model or run)"),
+    "serve": ("fedpgp_ray.serve", "serve a run's personalised model (every client, one endpoint) with Ray Serve"),
     "cache": ("fedpgp_ray.cache_cli", "list the node's image-feature cache entries with sizes, or --clear them"),
 }
 

@@ -230,8 +230,11 @@ class TrackingConfig:
     uri: tracking store when MLFLOW_TRACKING_URI is unset (null: sqlite:///<parent of output_dir>/mlflow.db).
         See docs/TRACKING.md for the rules.
     config_file: the config the experiment was loaded from (set by load_config; logged as a tag).
-    log_models: at the end of the run, log each client's classifier and the global one as MLflow
-        Models and register them (`<experiment>-client-<id>`, `<experiment>-global`; docs/SERVING.md).
+    log_models: at the end of the run, log the run's personalised model (the global prompt and every
+        client's personal factors, one MLflow model) and register it as
+        `<experiment>-<config>-<dataset>-<algorithm>` (docs/SERVING.md).
+    log_client_models: also one registered model per client and a global one (O(clients) registry
+        writes: for small federations).
     system_metrics: log the driver's CPU, memory, disk and network use as `system/*` metrics
         (MLflow's system metrics monitor, every 10 s); off unless asked for.
     """
@@ -241,6 +244,7 @@ class TrackingConfig:
     uri: str | None = _f(None)
     config_file: str | None = _f(None)
     log_models: bool = _f(True)
+    log_client_models: bool = _f(False)
     system_metrics: bool = _f(False)
 
 

@@ -1,6 +1,6 @@
 """`fedpgp-ray predict`: classify images with a trained classifier, from the MLflow Model Registry or a run.
 
-    fedpgp-ray predict --model models:/fedpgp-ray-client-3/1 [--tracking-uri URI] IMAGE...
+    fedpgp-ray predict --model models:/<experiment>-<config>-<dataset>-<algorithm>@newest --client 3 IMAGE...
     fedpgp-ray predict --run runs/quickstart --client 3 IMAGE...      (no MLflow store needed)
     fedpgp-ray predict ... --classes "red striped circle,blue dotted square" --top 3
 
@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # imported at run time only once the arguments are checked
+    from fedpgp_ray.personal_model import PersonalisedClassifier
     from fedpgp_ray.serving import PromptClassifier
 
 
@@ -25,7 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--model", metavar="URI", help="an MLflow model URI: models:/<name>/<version>, "
                                                        "models:/<model id>, runs:/..., or a model folder")
     source.add_argument("--run", metavar="RUN_DIR", help="a run's output_dir: classify with its checkpoints")
-    parser.add_argument("--client", type=int, metavar="ID", help="with --run: the client (default: the global model)")
+    parser.add_argument("--client", type=int, metavar="ID", help="the client whose personal prompt classifies "
+                                                                 "(default: the global prompt)")
     parser.add_argument("--classes", metavar="A,B,C", help="comma-separated class names to classify into "
                                                           "(default: the model's classes; novel ones work too)")
     parser.add_argument("--top", type=int, default=3, metavar="K", help="classes shown per image (default 3)")
@@ -50,8 +52,6 @@ def parse_classes(text: str | None) -> list[str] | None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.client is not None and args.run is None:
-            raise ValueError("--client needs --run (a registered model is already one client's: --model URI)")
         if args.top < 1:
             raise ValueError(f"--top {args.top}: show at least one class")
         classes = parse_classes(args.classes)
@@ -66,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         from fedpgp_ray import serving  # torch, MLflow: only once the arguments are fine
+        from fedpgp_ray.personal_model import PersonalisedClassifier
         from fedpgp_ray.serving_io import check_classes, read_image_file
 
         if classes is not None:
@@ -77,7 +78,13 @@ def main(argv: list[str] | None = None) -> int:
         else:
             classifier = serving.classifier_from_run(args.run, args.client)
         batch = torch.stack([classifier.clip.preprocess(read_image_file(path)) for path in args.images])
-        names, probs = classifier.probabilities(batch, classes)
+        if isinstance(classifier, PersonalisedClassifier):  # a run's model: --client picks the prompt
+            client_id, names = classifier.check_request(args.client, classes)
+            [(names, probs, _)] = classifier.classify(batch, [(len(batch), client_id, names)])
+        else:
+            if args.client is not None and args.model:
+                raise ValueError(f"--client: {args.model} is one client's model already; leave --client out")
+            names, probs = classifier.probabilities(batch, classes)
     except Exception as err:  # noqa: BLE001 - one line for the user; user_error says which errors are theirs
         message = user_error(err)
         if message is None:
@@ -92,14 +99,16 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def load_model_classifier(uri: str) -> "PromptClassifier":
-    """The PromptClassifier inside an MLflow model (loaded with mlflow.pyfunc.load_model)."""
+def load_model_classifier(uri: str) -> "PromptClassifier | PersonalisedClassifier":
+    """The classifier inside an MLflow model (loaded with mlflow.pyfunc.load_model): a run's personalised
+    model, or a one-client model (`tracking.log_client_models`)."""
     import mlflow
 
+    from fedpgp_ray.personal_model import PersonalisedModel
     from fedpgp_ray.serving import PromptClassifierModel
 
     model = mlflow.pyfunc.load_model(uri).unwrap_python_model()
-    if not isinstance(model, PromptClassifierModel):
+    if not isinstance(model, (PromptClassifierModel, PersonalisedModel)):
         raise ValueError(f"{uri} is not a fedpgp-ray classifier ({type(model).__name__})")
     return model.classifier
 

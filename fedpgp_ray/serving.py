@@ -1,5 +1,7 @@
-"""Trained prompt classifiers as MLflow Models: logged and registered at the end of a run, loaded
-with `mlflow.pyfunc.load_model`, served with `mlflow models serve`. See docs/SERVING.md.
+"""Trained prompt classifiers: the classifier core (spec, backbone, evaluation logits), a run's prompts
+read from its checkpoints, and the one-client MLflow model (`tracking.log_client_models`). The run's
+personalised model is fedpgp_ray/personal_model.py, logging and registration fedpgp_ray/model_registry.py,
+request I/O and limits fedpgp_ray/serving_io.py. See docs/SERVING.md.
 
 A model holds the prompt tensors only (FedPGP: the global sigma plus the client's U, V; a few
 kilobytes), the class names and a reference to the frozen backbone, never a copy of it:
@@ -25,15 +27,8 @@ INVALID_PARAMETER_VALUE, which the scoring server answers with HTTP 400 and the 
 """
 from __future__ import annotations
 
-import contextlib
-import io
 import json
-import logging
-import os
-import re
-import tempfile
 import threading
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -55,11 +50,8 @@ from fedpgp_ray.config import AlgorithmConfig, ExperimentConfig, ModelConfig
 from fedpgp_ray.serving_io import (CLASSES_PARAM, IMAGE_COLUMN, bad_request, check_classes, decode_image,  # noqa: F401
                                    encode_image, image_column, result_frame, to_pil)
 
-log = logging.getLogger(__name__)
-
 PROMPT_ARTIFACT = "prompt"                 # the model's artifacts: prompt tensors (.pt, plain tensors)
 SPEC_ARTIFACT = "spec"                     # and the ClassifierSpec (.json)
-BACKBONE_ARTIFACT_DIR = "backbone"         # run artifact folder of a local backbone checkpoint
 MODEL_CODE = Path(__file__).with_name("serving_model.py")  # MLflow "model from code": no pickle
 MAX_CUSTOM_CLASS_LISTS = 64  # distinct per-request class lists whose prompts stay cached
 
@@ -74,6 +66,7 @@ class ClassifierSpec:
     classnames: the classes it classifies into by default (the run's base classes).
     novel_classnames: the run's novel classes (classify into them with the `classes` param).
     client: the client id, or None for the global model.
+    personal: a personalised model's factor layout (fedpgp_ray/personal_model.py), else None.
     """
     algorithm: dict[str, Any]
     backbone: dict[str, Any]
@@ -81,11 +74,12 @@ class ClassifierSpec:
     novel_classnames: list[str] = field(default_factory=list)
     client: int | None = None
     round: int = 0
+    personal: dict[str, Any] | None = None
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ClassifierSpec":
         return cls(**{k: data[k] for k in ("algorithm", "backbone", "classnames", "novel_classnames", "client",
-                                           "round") if k in data})
+                                           "round", "personal") if k in data})
 
 
 _BACKBONES: dict[tuple[str, str | None, str, str], FrozenClip] = {}
@@ -238,17 +232,28 @@ def example_input(size: int = 32) -> pd.DataFrame:
 # -- from a run's checkpoints -----------------------------------------------------------------------------
 @dataclass
 class RunPrompts:
-    """The trained prompts of a run: final global params and each client's classifier params."""
+    """The trained prompts of a run: the final global params, and each client's personal params read
+    on demand (`personal(cid)`): a run may have 100,000 clients."""
     round: int
     global_params: Params
-    clients: dict[int, Params]
     global_classifier: Params | None
+    num_clients: int                  # clients with personal params (0: the algorithm has none)
+    personal_keys: tuple[str, ...]
+    _personal: Any = field(repr=False, default=None)
+
+    def personal(self, client_id: int) -> Params:
+        """Client `client_id`'s personal params: its newest saved state, else its seeded initial one."""
+        return self._personal(client_id)
+
+    def client_params(self, client_id: int) -> Params:
+        """The merged params client `client_id`'s classifier classifies with."""
+        return {**self.global_params, **self.personal(client_id)}
 
 
 def read_run_prompts(cfg: ExperimentConfig, width: int) -> RunPrompts:
-    """From the run's checkpoints: the last server round's global params, and per client the merged
+    """From the run's checkpoints: the last server round's global params, and per client the personal
     params evaluation classifies with (its newest saved personal state, else its seeded initial one,
-    as ClientWorker.state does). width: the text encoder's width (for never-trained clients)."""
+    as ClientWorker.state does), read when asked. width: the text encoder's width (never-trained clients)."""
     from fedpgp_ray.checkpoint import CheckpointStore
     from fedpgp_ray.client import PERSONAL_INIT, seeded_generator
     from fedpgp_ray.storage import RunStorage
@@ -259,14 +264,19 @@ def read_run_prompts(cfg: ExperimentConfig, width: int) -> RunPrompts:
         raise FileNotFoundError(f"no server checkpoint under {store.directory}: the run has not finished a round")
     algorithm = build_algorithm(cfg.algorithm)
     rnd, global_params = int(saved["round"]), dict(saved["global_params"])
-    clients: dict[int, Params] = {}
-    if algorithm.personal_keys:
-        for cid in range(cfg.federation.num_clients):
-            state = store.load_client(cid, rnd)
-            personal = state["personal"] if state is not None else algorithm.init_personal(
-                width, seeded_generator(cfg.seed, PERSONAL_INIT, cid))
-            clients[cid] = {**global_params, **personal}
-    return RunPrompts(rnd, global_params, clients, algorithm.global_classifier(global_params))
+    saved_clients: set[int] | None = None
+
+    def personal(cid: int) -> Params:
+        nonlocal saved_clients
+        if saved_clients is None:  # one listing: clients that never trained have no folder to look into
+            saved_clients = set(store.client_ids())
+        state = store.load_client(cid, rnd) if cid in saved_clients else None
+        return state["personal"] if state is not None else algorithm.init_personal(
+            width, seeded_generator(cfg.seed, PERSONAL_INIT, cid))
+
+    clients = cfg.federation.num_clients if algorithm.personal_keys else 0
+    return RunPrompts(rnd, global_params, algorithm.global_classifier(global_params), clients,
+                      tuple(algorithm.personal_keys), personal)
 
 
 def run_classnames(cfg: ExperimentConfig, results: dict[str, Any] | None) -> tuple[list[str], list[str]]:
@@ -297,11 +307,8 @@ def is_local_checkpoint(cfg: ModelConfig) -> bool:
         cfg.pretrained).expanduser().is_file()
 
 
-def classifier_from_run(run_dir: str, client_id: int | None) -> PromptClassifier:
-    """The classifier of client `client_id` (None: the global model) of the run in `run_dir`, built
-    from its config, checkpoints and results, without MLflow (`fedpgp-ray predict --run`)."""
-    import json
-
+def read_run_config(run_dir: str) -> tuple[ExperimentConfig, dict[str, Any] | None]:
+    """(config, results or None) of the run in `run_dir`."""
     import yaml
 
     from fedpgp_ray.config import config_from_dict
@@ -312,6 +319,13 @@ def classifier_from_run(run_dir: str, client_id: int | None) -> PromptClassifier
         raise FileNotFoundError(f"{storage.display()} has no config.yaml: pass the output_dir of a run")
     cfg = config_from_dict(yaml.safe_load(storage.read_text("config.yaml")), [f"output_dir={run_dir}"])
     results = json.loads(storage.read_text("results.json")) if storage.exists("results.json") else None
+    return cfg, results
+
+
+def classifier_from_run(run_dir: str, client_id: int | None) -> PromptClassifier:
+    """The classifier of client `client_id` (None: the global model) of the run in `run_dir`, built
+    from its config, checkpoints and results, without MLflow (`fedpgp-ray predict --run`)."""
+    cfg, results = read_run_config(run_dir)
     clip = load_clip(cfg.model, "cpu" if cfg.model.device == "auto" and not torch.cuda.is_available() else None)
     width = FrozenEncoders(clip, cfg.algorithm.n_ctx).width
     prompts = read_run_prompts(cfg, width)
@@ -322,159 +336,11 @@ def classifier_from_run(run_dir: str, client_id: int | None) -> PromptClassifier
             raise ValueError(f"algorithm {cfg.algorithm.name} has no global classifier (its classifier needs "
                              f"personal parameters): pass --client ID")
     else:
-        if client_id not in prompts.clients:
-            known = f"0..{cfg.federation.num_clients - 1}" if prompts.clients else "none (no personal parameters)"
+        if not 0 <= client_id < prompts.num_clients:
+            known = f"0..{prompts.num_clients - 1}" if prompts.num_clients else "none (no personal parameters)"
             raise ValueError(f"--client {client_id}: the run's clients are {known}"
-                             + ("" if prompts.clients else "; leave --client out for the global model"))
-        params = prompts.clients[client_id]
+                             + ("" if prompts.num_clients else "; leave --client out for the global model"))
+        params = prompts.client_params(client_id)
     spec = ClassifierSpec(asdict(cfg.algorithm), backbone_reference(cfg.model, clip, None), base, novel,
                           client_id, prompts.round)
     return PromptClassifier(spec, params, clip)
-
-
-# -- logging and registering at the end of a run -----------------------------------------------------------
-def registered_name(experiment: str, model: str) -> str:
-    """Registry name of a run's model: `<experiment>-<model>` with characters outside [A-Za-z0-9_.-] as '-'."""
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{experiment}-{model}").strip("-")
-
-
-def pip_requirements() -> list[str]:
-    """What serving needs; fedpgp-ray itself is not on PyPI: serve with `--env-manager local`."""
-    import open_clip
-    import torchvision
-
-    from fedpgp_ray import __version__
-
-    return [f"fedpgp-ray=={__version__}", f"torch=={torch.__version__.split('+')[0]}",
-            f"torchvision=={torchvision.__version__.split('+')[0]}", f"open_clip_torch=={open_clip.__version__}",
-            f"mlflow=={mlflow.__version__}", "pandas", "pillow"]
-
-
-def log_run_models(cfg: ExperimentConfig, client: Any, run_id: str, tracking_uri: str,
-                   results: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-    """Log and register the run's classifiers: `client-<id>` (global + its personal params) for each
-    client of an algorithm with personal parameters, and `global` (global params alone) when the
-    algorithm defines one. Registered as `<experiment>-client-<id>` / `<experiment>-global`, version
-    tags algorithm, round, client, dataset. Models already logged for this run and round (a resumed,
-    finished run) are not logged again. Returns one dict per model (name, version, uri, bytes).
-    """
-    from mlflow.models import Model
-
-    began = time.perf_counter()
-    run = client.get_run(run_id)
-    experiment = client.get_experiment(run.info.experiment_id).name
-    clip = load_clip(cfg.model, "cpu")
-    prompts = read_run_prompts(cfg, FrozenEncoders(clip, cfg.algorithm.n_ctx).width)
-    base, novel = run_classnames(cfg, results)
-    wanted = {f"client-{cid}": (cid, params) for cid, params in prompts.clients.items()}
-    if prompts.global_classifier is not None:
-        wanted["global"] = (None, prompts.global_classifier)
-    done = {m.name for m in client.search_logged_models(
-        experiment_ids=[run.info.experiment_id],
-        filter_string=f"source_run_id = '{run_id}' AND tags.round = '{prompts.round}'")}
-    wanted = {name: item for name, item in wanted.items() if name not in done}
-    logged = []
-    with _fluent_store(tracking_uri), _quiet_mlflow(), tempfile.TemporaryDirectory(prefix="fedpgp-") as tmp:
-        weights_uri = _log_backbone_once(cfg.model, client, run_id, run.info.artifact_uri)
-        backbone = backbone_reference(cfg.model, clip, weights_uri)
-        for name, (cid, params) in wanted.items():
-            spec = ClassifierSpec(asdict(cfg.algorithm), backbone, base, novel, cid, prompts.round)
-            (Path(tmp) / name).mkdir()
-            prompt_file, spec_file = Path(tmp) / name / "prompt.pt", Path(tmp) / name / "spec.json"
-            torch.save({k: v.detach().cpu().contiguous() for k, v in params.items()}, prompt_file)
-            spec_file.write_text(json.dumps(asdict(spec), indent=1))
-            tags = {"algorithm": cfg.algorithm.name, "round": str(prompts.round), "dataset": cfg.data.dataset,
-                    "client": "global" if cid is None else str(cid)}
-            # Created here, in the run's experiment (Model.log alone would put it in the current one).
-            model = client.create_logged_model(run.info.experiment_id, name=name, source_run_id=run_id, tags=tags)
-            info = Model.log(artifact_path=None, name=name, flavor=mlflow.pyfunc, run_id=run_id,
-                             model_id=model.model_id, python_model=str(MODEL_CODE),
-                             artifacts={PROMPT_ARTIFACT: str(prompt_file), SPEC_ARTIFACT: str(spec_file)},
-                             signature=signature(base), input_example=example_input(),
-                             pip_requirements=pip_requirements(), step=prompts.round)
-            with contextlib.redirect_stderr(io.StringIO()):  # MLflow prints two lines per registration
-                version = mlflow.register_model(info.model_uri, registered_name(experiment, name), tags=tags)
-            logged.append({"name": version.name, "version": version.version, "uri": info.model_uri,
-                           "bytes": _model_bytes(client, info.model_id)})
-    if logged:
-        log.info("MLflow: logged %d models in %.1f s", len(logged), time.perf_counter() - began)
-    return logged
-
-
-@contextlib.contextmanager
-def _fluent_store(uri: str):
-    """MLflow's fluent calls (Model.log, register_model) use `uri` within; the process's settings,
-    $MLFLOW_TRACKING_URI included, are restored after (MLflow's own helper would unset that variable)."""
-    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
-
-    env = os.environ.get("MLFLOW_TRACKING_URI")
-    try:
-        with _use_tracking_uri(uri):
-            yield
-    finally:
-        if env is not None:
-            os.environ["MLFLOW_TRACKING_URI"] = env
-
-
-@contextlib.contextmanager
-def _quiet_mlflow():
-    """No progress bars and no per-model INFO lines while logging a run's models (warnings still show)."""
-    logger = logging.getLogger("mlflow.pyfunc")
-    level, bar = logger.level, os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
-    logger.setLevel(logging.WARNING)
-    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-        if bar is None:
-            os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
-        else:
-            os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = bar
-
-
-def _log_backbone_once(cfg: ModelConfig, client: Any, run_id: str, artifact_uri: str) -> str | None:
-    """A local checkpoint file: log it once as the run artifact backbone/<file>; return its URI."""
-    if not is_local_checkpoint(cfg):
-        return None
-    path = Path(cfg.pretrained).expanduser()
-    if path.name not in {Path(a.path).name for a in client.list_artifacts(run_id, BACKBONE_ARTIFACT_DIR)}:
-        client.log_artifact(run_id, str(path), BACKBONE_ARTIFACT_DIR)
-    return f"{artifact_uri.rstrip('/')}/{BACKBONE_ARTIFACT_DIR}/{path.name}"
-
-
-def _model_bytes(client: Any, model_id: str, path: str | None = None) -> int:
-    """Total size of a logged model's files."""
-    return sum(_model_bytes(client, model_id, item.path) if item.is_dir else (item.file_size or 0)
-               for item in client.list_logged_model_artifacts(model_id, path))
-
-
-def log_tracker_models(tracker: Any, results: dict[str, Any]) -> list[dict[str, Any]]:
-    """MlflowTracker.on_end hook: log_run_models and print how to use them; never raises (the run's
-    results and checkpoints are on disk, and `fedpgp-ray predict --run` works without the models)."""
-    try:
-        models = log_run_models(tracker.cfg, tracker.client, tracker.run_id, tracker.uri, results)
-    except Exception as err:  # noqa: BLE001 - a model-logging failure must not fail a finished run
-        text = str(err).strip().splitlines()
-        log.warning("MLflow: could not log the run's models (%s: %s); `fedpgp-ray predict --run %s` still "
-                    "classifies with them", type(err).__name__, text[0][:300] if text else "", tracker.output_dir)
-        return []
-    if models:
-        print(models_summary(models, tracker.uri), flush=True)
-    return models
-
-
-def models_summary(models: list[dict[str, Any]], tracking_uri: str) -> str:
-    """What was registered, its size, and the commands that predict with and serve the first model."""
-    import shlex
-
-    first = models[0]
-    uri = f"models:/{first['name']}/{first['version']}"
-    names = ", ".join(f"{m['name']} v{m['version']}" for m in models)
-    per_model = sum(m["bytes"] for m in models) / len(models) / 1024
-    store = shlex.quote(tracking_uri)
-    return "\n".join([
-        f"MLflow models: {len(models)} registered ({per_model:.1f} KiB each on average, backbone referenced): {names}",
-        f"  predict: fedpgp-ray predict --model {uri} --tracking-uri {store} IMAGE...",
-        f"  serve:   MLFLOW_TRACKING_URI={store} mlflow models serve -m {uri} --env-manager local "
-        f"-h 127.0.0.1 -p 5001"])

@@ -278,7 +278,7 @@ class MlflowTracker:
                 log.warning("MLflow: could not log the final artifacts (%s); they are in %s",
                             one_line(err), self.output_dir)
         if self.cfg.tracking.log_models:  # the trained classifiers as registered MLflow Models
-            from fedpgp_ray.serving import log_tracker_models
+            from fedpgp_ray.model_registry import log_tracker_models
 
             print(f"MLflow: logging and registering the classifiers as MLflow Models "
                   f"({self.cfg.federation.num_clients} clients + the global one)", file=sys.stderr, flush=True)

@@ -27,7 +27,7 @@ from mlflow import MlflowClient
 from PIL import Image
 from processes import free_port, stop_group
 
-from fedpgp_ray import serving
+from fedpgp_ray import model_registry, serving
 from fedpgp_ray.algorithms import ALGORITHMS, FrozenEncoders, build_algorithm
 from fedpgp_ray.checkpoint import CheckpointStore
 from fedpgp_ray.clip.backbone import WEIGHTS_DIR, load_clip
@@ -73,6 +73,7 @@ def test_every_algorithm_classifies_exactly_as_its_evaluation_logits(name):
 
 
 EXPERIMENT = "serving-test"
+TASK = f"{EXPERIMENT}-quickstart-world-fedpgp"   # registered names carry experiment, config, dataset, algorithm
 CLIENTS = 4
 
 
@@ -90,7 +91,7 @@ def finished(tmp_path_factory, monkeypatch_module) -> SimpleNamespace:
     root = tmp_path_factory.mktemp("serving")
     uri = f"sqlite:///{root}/mlflow.db"
     monkeypatch_module.delenv("MLFLOW_TRACKING_URI", raising=False)
-    _run(root / "run", uri)
+    _run(root / "run", uri, ["tracking.log_client_models=true"])
     monkeypatch_module.setenv("MLFLOW_TRACKING_URI", uri)  # where models:/ URIs resolve, in this module
     cfg = load_config(root / "run" / "config.yaml", [f"output_dir={root / 'run'}"])
     dataset = build_dataset(cfg.data, cfg.seed)
@@ -107,7 +108,7 @@ def monkeypatch_module():
 
 
 def _model_uri(run: SimpleNamespace, name: str) -> str:
-    versions = run.client.search_model_versions(f"name = '{EXPERIMENT}-{name}'")
+    versions = run.client.search_model_versions(f"name = '{TASK}-{name}'")
     assert len(versions) == 1, [v.version for v in versions]
     return f"models:/{versions[0].name}/{versions[0].version}"
 
@@ -151,14 +152,14 @@ def _names(run: SimpleNamespace, classes) -> list[str]:
 
 
 @pytest.mark.slow
-def test_run_registers_one_small_model_per_client_and_a_global_one(finished):
+def test_opt_in_registers_one_small_model_per_client_and_a_global_one(finished):
     registered = {m.name for m in finished.client.search_registered_models()}
-    assert registered == {f"{EXPERIMENT}-client-{c}" for c in range(CLIENTS)} | {f"{EXPERIMENT}-global"}
+    assert registered == {f"{TASK}-client-{c}" for c in range(CLIENTS)} | {f"{TASK}-global", TASK}
     run_id = json.loads((finished.root / "run" / "mlflow_run.json").read_text())["run_id"]
     for c in [*range(CLIENTS), None]:
         name = "global" if c is None else f"client-{c}"
-        version = finished.client.get_model_version(f"{EXPERIMENT}-{name}", "1")
-        assert version.tags == {"algorithm": "fedpgp", "round": "2", "dataset": "world",
+        version = finished.client.get_model_version(f"{TASK}-{name}", "1")
+        assert version.tags == {"algorithm": "fedpgp", "round": "2", "dataset": "world", "config": "quickstart.yaml",
                                 "client": "global" if c is None else str(c)}
         assert version.run_id == run_id
         model = finished.client.get_logged_model(version.source.removeprefix("models:/"))
@@ -176,8 +177,48 @@ def test_run_registers_one_small_model_per_client_and_a_global_one(finished):
         assert spec["classnames"] == finished.results["dataset_manifest"]["base_classes"]
     # the run's store holds the models; a second call for the same run and round logs nothing
     cfg = finished.cfg
-    assert serving.log_run_models(cfg, finished.client, run_id, finished.uri, finished.results) == []
-    assert len(finished.client.search_model_versions(f"name = '{EXPERIMENT}-client-0'")) == 1
+    assert model_registry.log_run_models(cfg, finished.client, run_id, finished.uri, finished.results) == []
+    assert len(finished.client.search_model_versions(f"name = '{TASK}-client-0'")) == 1
+
+
+@pytest.mark.slow
+def test_run_registers_one_personalised_model_with_aliases_tags_and_only_its_metrics(finished):
+    model = finished.client.get_registered_model(TASK)
+    assert {k: str(v) for k, v in model.aliases.items()} == {"newest": "1", "round-2": "1"} and "fedpgp on world" in model.description
+    version = finished.client.get_model_version(TASK, "1")
+    assert version.tags == {"algorithm": "fedpgp", "round": "2", "dataset": "world", "config": "quickstart.yaml",
+                            "clients": str(CLIENTS)}
+    assert f"personal factors of {CLIENTS} clients" in version.description
+    logged = finished.client.get_logged_model(version.source.removeprefix("models:/"))
+    assert {m.key: m.value for m in logged.metrics} == pytest.approx(finished.results["final"])  # no client/...
+    root = Path(logged.artifact_location.removeprefix("file://"))
+    spec = json.loads((root / "artifacts" / "spec.json").read_text())
+    assert spec["personal"]["clients"] == CLIENTS and [k for k, _ in spec["personal"]["keys"]] == ["U", "V"]
+    record = sum(int(np.prod(shape)) for _, shape in spec["personal"]["keys"])
+    assert (root / "artifacts" / "personal.f32").stat().st_size == CLIENTS * record * 4  # one row per client
+    # client 2's row is its checkpointed U, V
+    saved = CheckpointStore(Path(finished.cfg.output_dir) / "checkpoints").load_client(2, 2)["personal"]
+    row = np.fromfile(root / "artifacts" / "personal.f32", dtype=np.float32).reshape(CLIENTS, record)[2]
+    assert np.array_equal(row, torch.cat([saved["U"].reshape(-1), saved["V"].reshape(-1)]).numpy())
+
+
+@pytest.mark.slow
+def test_personalised_model_answers_as_each_clients_own_model_and_the_global_one(finished):
+    personal = mlflow.pyfunc.load_model(f"models:/{TASK}@newest")
+    frame = _frame(finished, finished.partition.clients[0].local.indices[:3])
+    for client_id in [*range(CLIENTS), None]:
+        params = {} if client_id is None else {"client_id": client_id}
+        got = personal.predict(frame, params=params)
+        expected = _load(finished, "global" if client_id is None else f"client-{client_id}").predict(frame)
+        assert list(got["label"]) == list(expected["label"])
+        assert np.allclose(np.stack(got["probabilities"]), np.stack(expected["probabilities"]), atol=1e-6)
+        assert set(got["prompt"]) == {"global" if client_id is None else "personal"}
+    novel = _names(finished, finished.partition.novel.classes)[:4]
+    got = personal.predict(frame, params={"client_id": 1, "classes": novel})
+    assert set(got["label"]) <= set(novel) and len(got["probabilities"][0]) == 4
+    with pytest.raises(mlflow.exceptions.MlflowException, match="client 4 is not in this model") as err:
+        personal.predict(frame, params={"client_id": CLIENTS})
+    assert err.value.get_http_status_code() == 404
 
 
 @pytest.mark.slow
@@ -320,6 +361,11 @@ def test_predict_cli_with_a_registered_model_and_with_a_run_dir(finished, tmp_pa
     shown = capsys.readouterr().out
     assert all(name in shown for name in novel)
 
+    # the run's personalised model: --client picks the prompt, the same answers as client 1's own model
+    assert predict_main(["--model", f"models:/{TASK}@newest", "--tracking-uri", finished.uri, "--client", "1",
+                         "--top", "1", *files]) == 0
+    assert capsys.readouterr().out.strip().splitlines() == lines
+
     bad = tmp_path / "bad.png"
     bad.write_text("not an image")
     for argv, message in [
@@ -328,6 +374,7 @@ def test_predict_cli_with_a_registered_model_and_with_a_run_dir(finished, tmp_pa
         (["--run", str(finished.root / "run"), "--client", "9", files[0]], "--client 9"),
         (["--model", "models:/nope/1", "--tracking-uri", finished.uri, files[0]], "nope"),
         (["--run", str(tmp_path), files[0]], "config.yaml"),
+        (["--model", f"models:/{TASK}@newest", "--client", "4", files[0]], "client 4 is not in this model"),
     ]:
         assert predict_main(argv) == 2, argv
         err = capsys.readouterr().err
@@ -344,7 +391,7 @@ def test_local_backbone_checkpoint_is_logged_once_and_referenced(tmp_path, monke
     weights = tmp_path / "my-clip.pt"
     shutil.copy(WEIGHTS_DIR / "fedpgp-world.pt", weights)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    _run(tmp_path / "run", uri, [f"model.pretrained={weights}", "train.rounds=1", "federation.num_clients=2",
+    _run(tmp_path / "run", uri, [f"model.pretrained={weights}", "train.rounds=1", "tracking.log_client_models=true", "federation.num_clients=2",
                                  "data.world.num_classes=8", "data.world.test_per_class=4"])
     client = MlflowClient(uri)
     run_id = json.loads((tmp_path / "run" / "mlflow_run.json").read_text())["run_id"]
@@ -352,7 +399,7 @@ def test_local_backbone_checkpoint_is_logged_once_and_referenced(tmp_path, monke
     copies = [p for p in tmp_path.rglob("*.pt") if p.stat().st_size > 1024 * 1024]
     assert sorted(p.name for p in copies) == ["my-clip.pt", "my-clip.pt"]  # the original and the run artifact
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    model = mlflow.pyfunc.load_model(f"models:/{EXPERIMENT}-client-1/1")
+    model = mlflow.pyfunc.load_model(f"models:/{TASK}-client-1/1")
     spec = model.unwrap_python_model().classifier.spec
     assert spec.backbone["weights_uri"].endswith("/backbone/my-clip.pt") and spec.backbone["pretrained"] is None
     assert len(model.predict(serving.example_input())) == 1
