@@ -100,6 +100,11 @@ def check_model(uri: str, tracking_uri: str | None) -> None:
 
     from fedpgp_ray.serve_app import Source
 
+    if tracking_uri and tracking_uri.startswith("sqlite:///"):
+        path = tracking_uri[len("sqlite:///"):].partition("?")[0]
+        if path != ":memory:" and not os.path.isfile(path):
+            raise ValueError(f"--tracking-uri {tracking_uri}: no MLflow store there; pass the store the run "
+                             f"printed (e.g. sqlite:////abs/runs/mlflow.db)")
     source = Source(model_uri=uri, tracking_uri=tracking_uri)
     client = MlflowClient(tracking_uri)
     try:

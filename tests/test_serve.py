@@ -213,7 +213,7 @@ def test_serve_refuses_bad_arguments_in_one_line(tmp_path, capsys):
         (["--run", str(tmp_path)], "no config.yaml"),
         (["--run", str(tmp_path), "--min-replicas", "2"], "both --min-replicas and --max-replicas"),
         (["--run", str(tmp_path), "--replicas", "0"], "--replicas 0"),
-        (["--model", "models:/nope@newest", "--tracking-uri", f"sqlite:///{tmp_path}/m.db"], "--model models:/nope"),
+        (["--model", "models:/nope@newest", "--tracking-uri", f"sqlite:///{tmp_path}/m.db"], "no MLflow store there"),
     ]:
         assert serve_main(argv) == 2, argv
         err = capsys.readouterr().err
