@@ -133,6 +133,7 @@ def make_clients_run(base: Path, target: Path, clients: int) -> None:
     target.mkdir(parents=True)
     config = yaml.safe_load((base / "config.yaml").read_text())
     config["federation"]["num_clients"] = clients
+    config["tracking"]["log_client_models"] = False  # what a run does by default: the personalised model only
     config["output_dir"] = str(target)
     (target / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     shutil.copy(base / "results.json", target / "results.json")
@@ -184,13 +185,14 @@ def accuracy(model_uri: str, run_dir: Path) -> dict:
     cfg = load_config(run_dir / "config.yaml", [f"output_dir={run_dir}"])
     dataset = build_dataset(cfg.data, cfg.seed)
     partition = partition_dataset(dataset, cfg.data, cfg.federation.num_clients, cfg.seed)
-    cache: dict[int, torch.Tensor] = {}
+    encoded: dict[int, tuple] = {}  # id(eval set) -> the backbone's output: one pass per evaluation set
 
-    def batch_of(indices) -> torch.Tensor:
-        for i in indices:
-            if int(i) not in cache:
-                cache[int(i)] = classifier.clip.preprocess(dataset.test.load(int(i)))
-        return torch.stack([cache[int(i)] for i in indices])
+    def encode(eval_set) -> tuple:
+        if id(eval_set) not in encoded:
+            with torch.inference_mode():
+                batch = torch.stack([classifier.clip.preprocess(dataset.test.load(int(i))) for i in eval_set.indices])
+                encoded[id(eval_set)] = classifier.encode(batch)
+        return encoded[id(eval_set)]
 
     out: dict = {"personal": {}, "global": {}}
     for part in partition.clients:
@@ -198,9 +200,10 @@ def accuracy(model_uri: str, run_dir: Path) -> dict:
         for key, eval_set in sets.items():
             names = [partition.classnames[c] for c in eval_set.classes]
             truth = np.asarray([partition.classnames[y] for y in dataset.test.labels[eval_set.indices]])
-            images = batch_of(eval_set.indices)
+            features, extra = encode(eval_set)
             for prompt, cid in (("personal", part.client_id), ("global", None)):
-                [(got_names, probs, _)] = classifier.classify(images, [(len(images), cid, names)])
+                [(got_names, probs, _)] = classifier.classify_features(features, extra,
+                                                                       [(len(features), cid, names)])
                 labels = np.asarray(got_names)[probs.argmax(dim=1).numpy()]
                 out[prompt].setdefault(key, []).append(100.0 * float(np.mean(labels == truth)))
     return {prompt: {k: statistics.mean(v) for k, v in sets.items()} for prompt, sets in out.items()}
@@ -211,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-dir", help="a finished 10-client run with tracking and client models "
                                           "(default: run the quickstart)")
     parser.add_argument("--rounds", type=int, default=2, help="rounds of the quickstart run (default 2)")
-    parser.add_argument("--clients", default="10,1000,10000", help="federation sizes (default 10,1000,10000)")
+    parser.add_argument("--clients", default="10,1000,10000",
+                        help="federation sizes (default 10,1000,10000; '' for the accuracy figures alone)")
     parser.add_argument("--requests", type=int, default=160, help="requests per load test (default 160)")
     parser.add_argument("--baseline-servers", type=int, default=10,
                         help="one-client `mlflow models serve` started for their memory (default 10)")
@@ -250,6 +254,10 @@ def main(argv: list[str] | None = None) -> int:
         f"{prompt} prompt " + ", ".join(f"{k} {v:.2f}" for k, v in sets.items()) for prompt, sets in acc.items()),
         flush=True)
 
+    if not args.clients:  # --clients "": the accuracy figures only
+        if args.json:
+            Path(args.json).write_text(json.dumps(figures, indent=2))
+        return 0
     cfg = load_config(base / "config.yaml", [f"output_dir={base}"])
     dataset = build_dataset(cfg.data, cfg.seed)
     images = [serving_io.encode_image(dataset.test.load(i)) for i in range(256)]

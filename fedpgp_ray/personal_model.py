@@ -162,33 +162,42 @@ class PersonalisedClassifier:
         per_request_errors: a request's own bad input (a class name too long for the text encoder) is
         returned in its place as an MlflowException instead of failing the others."""
         with self._lock:
-            extra: dict[str, torch.Tensor] = {}
-            if self.uses_tokens:  # FedOTP: evaluation reads the tokens from the float16 feature cache
-                features, tokens = self.clip.encode_image_tokens(batch)
-                extra = {"patch_tokens": tokens.to(TOKEN_DTYPE).float()}
-            else:
-                features = self.clip.encode_images(batch)
-            out, start = [], 0
-            for count, client_id, names in requests:
-                params, prompt = self.params_of(client_id)
-                part = features[start:start + count]
-                mine = {k: v[start:start + count] for k, v in extra.items()}
-                self._bound_prompt_cache(names)
-                try:
-                    with self.clip.autocast():
-                        if self.pooled:
-                            logits = self.clip.logit_scale * part @ self._class_features(client_id, params, names).t()
-                        else:
-                            logits = self.algorithm.logits(self.encoders, params, part, names, **mine)
-                except ValueError as err:  # a class name too long for the text encoder's context
-                    start += count
-                    if not per_request_errors:
-                        raise bad_request(f"'{CLASSES_PARAM}': {err}") from None
-                    out.append(bad_request(f"'{CLASSES_PARAM}': {err}"))
-                    continue
-                out.append((names, logits.float().softmax(dim=-1).cpu(), prompt))
+            features, extra = self.encode(batch)
+            return self.classify_features(features, extra, requests, per_request_errors)
+
+    def encode(self, batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(image features, extra inputs of the algorithm's logits) of a preprocessed batch: one backbone pass."""
+        if self.uses_tokens:  # FedOTP: evaluation reads the tokens from the float16 feature cache
+            features, tokens = self.clip.encode_image_tokens(batch)
+            return features, {"patch_tokens": tokens.to(TOKEN_DTYPE).float()}
+        return self.clip.encode_images(batch), {}
+
+    @torch.inference_mode()
+    def classify_features(self, features: torch.Tensor, extra: dict[str, torch.Tensor],
+                          requests: Sequence[tuple[int, int | None, list[str]]],
+                          per_request_errors: bool = False) -> list[Any]:
+        """`classify` from the backbone's output (`encode`)."""
+        out, start = [], 0
+        for count, client_id, names in requests:
+            params, prompt = self.params_of(client_id)
+            part = features[start:start + count]
+            mine = {k: v[start:start + count] for k, v in extra.items()}
+            self._bound_prompt_cache(names)
+            try:
+                with self.clip.autocast():
+                    if self.pooled:
+                        logits = self.clip.logit_scale * part @ self._class_features(client_id, params, names).t()
+                    else:
+                        logits = self.algorithm.logits(self.encoders, params, part, names, **mine)
+            except ValueError as err:  # a class name too long for the text encoder's context
                 start += count
-            return out
+                if not per_request_errors:
+                    raise bad_request(f"'{CLASSES_PARAM}': {err}") from None
+                out.append(bad_request(f"'{CLASSES_PARAM}': {err}"))
+                continue
+            out.append((names, logits.float().softmax(dim=-1).cpu(), prompt))
+            start += count
+        return out
 
     def _class_features(self, client_id: int | None, params: Params, names: list[str]) -> torch.Tensor:
         """Class features per (client, class list), least recently used dropped past MAX_CACHED_FLOATS."""

@@ -151,14 +151,15 @@ def serve_until_stopped(args: argparse.Namespace, tracking_uri: str | None) -> i
                                                    max(1, int(args.num_cpus)))
         serve.start(http_options={"host": args.host, "port": args.port})
         serve.run(app, name=APP_NAME, route_prefix="/")
+        replicas = (f"{args.min_replicas}-{args.max_replicas} (autoscaling)" if args.min_replicas is not None
+                    else str(args.replicas))
         print(f"fedpgp-ray serve: {args.model or args.run} at http://{args.host}:{args.port}/invocations "
-              f"({'autoscaling %d-%d' % (args.min_replicas, args.max_replicas) if args.min_replicas is not None else '%d' % args.replicas} "
-              f"replica(s), {args.num_cpus:g} CPU / {gpus:g} GPU each); Ctrl-C stops", flush=True)
+              f"({replicas} replica(s), {args.num_cpus:g} CPU / {gpus:g} GPU each); Ctrl-C stops", flush=True)
         stop.wait()
         return 0
     except Exception as err:  # noqa: BLE001 - a replica that cannot load: one line, not Ray's traceback
         text = str(err).strip().splitlines()
-        reason = next((line for line in reversed(text) if line.strip() and not line.startswith(" ")), "") if text else ""
+        reason = next((line for line in reversed(text) if line.strip() and not line.startswith(" ")), "")
         print(f"error: the application did not start ({type(err).__name__}: {reason[:300]})", file=sys.stderr)
         return 1
     finally:

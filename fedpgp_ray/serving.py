@@ -309,15 +309,14 @@ def is_local_checkpoint(cfg: ModelConfig) -> bool:
 
 def read_run_config(run_dir: str) -> tuple[ExperimentConfig, dict[str, Any] | None]:
     """(config, results or None) of the run in `run_dir`."""
-    import yaml
-
     from fedpgp_ray.config import config_from_dict
+    from fedpgp_ray.rundir import read_saved_config
     from fedpgp_ray.storage import RunStorage
 
     storage = RunStorage(run_dir)
     if not storage.exists("config.yaml"):
         raise FileNotFoundError(f"{storage.display()} has no config.yaml: pass the output_dir of a run")
-    cfg = config_from_dict(yaml.safe_load(storage.read_text("config.yaml")), [f"output_dir={run_dir}"])
+    cfg = config_from_dict(read_saved_config(storage), [f"output_dir={run_dir}"])
     results = json.loads(storage.read_text("results.json")) if storage.exists("results.json") else None
     return cfg, results
 

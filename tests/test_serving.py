@@ -184,7 +184,8 @@ def test_opt_in_registers_one_small_model_per_client_and_a_global_one(finished):
 @pytest.mark.slow
 def test_run_registers_one_personalised_model_with_aliases_tags_and_only_its_metrics(finished):
     model = finished.client.get_registered_model(TASK)
-    assert {k: str(v) for k, v in model.aliases.items()} == {"newest": "1", "round-2": "1"} and "fedpgp on world" in model.description
+    assert {k: str(v) for k, v in model.aliases.items()} == {"newest": "1", "round-2": "1"}
+    assert "fedpgp on world" in model.description
     version = finished.client.get_model_version(TASK, "1")
     assert version.tags == {"algorithm": "fedpgp", "round": "2", "dataset": "world", "config": "quickstart.yaml",
                             "clients": str(CLIENTS)}
@@ -391,8 +392,8 @@ def test_local_backbone_checkpoint_is_logged_once_and_referenced(tmp_path, monke
     weights = tmp_path / "my-clip.pt"
     shutil.copy(WEIGHTS_DIR / "fedpgp-world.pt", weights)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    _run(tmp_path / "run", uri, [f"model.pretrained={weights}", "train.rounds=1", "tracking.log_client_models=true", "federation.num_clients=2",
-                                 "data.world.num_classes=8", "data.world.test_per_class=4"])
+    _run(tmp_path / "run", uri, [f"model.pretrained={weights}", "train.rounds=1", "tracking.log_client_models=true",
+                                 "federation.num_clients=2", "data.world.num_classes=8", "data.world.test_per_class=4"])
     client = MlflowClient(uri)
     run_id = json.loads((tmp_path / "run" / "mlflow_run.json").read_text())["run_id"]
     assert [a.path for a in client.list_artifacts(run_id, "backbone")] == ["backbone/my-clip.pt"]
