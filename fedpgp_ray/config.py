@@ -30,6 +30,86 @@ class ConfigError(ValueError):
     """A config value is unknown, mistyped or out of range."""
 
 
+# A config is a few kilobytes (the shipped ones: under 2 KiB). The bound keeps a hostile or broken
+# file from exhausting memory while it is parsed and validated (a 50 MB list grew past 4 GB).
+MAX_CONFIG_BYTES = 1 << 20
+
+
+class StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, stricter: a key repeated in one mapping is an error (YAML forbids it;
+    PyYAML keeps the last, so a second `train:` section would silently replace the first), and
+    anchors/aliases are refused (`*a` shares a node: nested aliases expand exponentially, the
+    "billion laughs"; configs never need them)."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise ConfigError(f"line {event.start_mark.line + 1}: alias *{event.anchor} (YAML anchors and "
+                              f"aliases are not allowed in configs): write the values out")
+        event = self.peek_event()
+        anchor = getattr(event, "anchor", None)
+        if anchor is not None:
+            raise ConfigError(f"line {event.start_mark.line + 1}: anchor &{anchor} (YAML anchors and aliases "
+                              f"are not allowed in configs): write the values out")
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise ConfigError(f"key '{key}' appears twice in one section, at lines {seen[key]} and {line}: "
+                                  f"keep one (YAML keys are unique; values are not merged)")
+            if isinstance(key, (str, int, float, bool)):
+                seen[key] = line
+        return super().construct_mapping(node, deep)
+
+
+def parse_yaml(text: str) -> Any:
+    """Parse config YAML strictly (StrictLoader) within MAX_CONFIG_BYTES: ConfigError or yaml.YAMLError."""
+    if len(text) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"holds {len(text):,} characters, more than a config's limit of {MAX_CONFIG_BYTES:,}: "
+                          f"a config is a few kilobytes of settings")
+    return yaml.load(text, Loader=StrictLoader)  # noqa: S506 - StrictLoader is a SafeLoader
+
+
+def read_config_text(text: str, where: str) -> dict[str, Any]:
+    """The mapping in config YAML `text` (from `where`, e.g. "config file x.yaml"), or a one-line ConfigError."""
+    try:
+        data = parse_yaml(text)
+    except ConfigError as err:
+        raise ConfigError(f"{where}: {err}") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{where} is not valid YAML{at} ({problem})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} holds a {type(data).__name__}, not a mapping of sections "
+                          f"(seed, model, data, ...): see configs/quickstart.yaml")
+    return data
+
+
+def read_config_file(path: Path, where: str | None = None) -> dict[str, Any]:
+    """read_config_text of a file, refusing one over MAX_CONFIG_BYTES before reading it."""
+    where = where or f"config file {path}"
+    try:
+        size = path.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{where} is {size:,} bytes, more than a config's limit of {MAX_CONFIG_BYTES:,}: "
+                              f"a config is a few kilobytes of settings")
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{where} is not UTF-8 text (byte {err.start} cannot be decoded): "
+                          f"pass a YAML text file") from None
+    except OSError as err:
+        raise ConfigError(f"{where} cannot be read ({err.strerror or err})") from None
+    return read_config_text(text, where)
+
+
 def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False,
            choices: tuple[Any, ...] | None = None) -> dict[str, Any]:
     return {"lo": lo, "hi": hi, "lo_open": lo_open, "choices": choices}
@@ -122,6 +202,11 @@ class DataConfig:
     few_shot_pool: str = _f("train", choices=("train", "train+val"))
     cache_content_hash: bool = _f(False)
     world: WorldConfig = field(default_factory=WorldConfig)
+
+
+# The built-in algorithms (`fedpgp_ray.algorithms.ALGORITHMS`, which needs torch): named here so that a
+# config is checked without importing torch (tests/test_config.py keeps the two lists equal).
+ALGORITHM_NAMES = ("clip", "local", "promptfl", "fedprox", "fedkgcoop", "fedotp", "fedpgp")
 
 
 @dataclass
@@ -388,7 +473,9 @@ def parse_override(item: str) -> tuple[list[str], Any]:
         raise ConfigError(f"--set expects key.path=value, got {item!r}: e.g. --set train.rounds=5")
     key, raw = item.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = parse_yaml(raw) if raw.strip() else None
+    except ConfigError as err:
+        raise ConfigError(f"--set {key.strip()}: {err}") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"--set {key.strip()}: value {raw!r} is not valid YAML ({str(err).splitlines()[0]}): "
                           f"quote it, e.g. --set '{key.strip()}=\"...\"'") from None
@@ -433,9 +520,16 @@ def config_from_dict(data: dict[str, Any], overrides: list[str] = (), base_dir: 
     if cfg.privacy.enabled and cfg.privacy.noise_multiplier > 0 and cfg.privacy.clip_norm is None:
         raise ConfigError("config key 'privacy.clip_norm' is null (no clipping) but privacy.noise_multiplier > 0: "
                           "noise only protects clipped updates; set a clip_norm (e.g. 0.1)")
+    if not cfg.output_dir.strip():  # "" would silently mean the current directory
+        raise ConfigError("config key 'output_dir' is empty: name the run's directory, e.g. "
+                          "--set output_dir=runs/my_run")
     if not is_uri(cfg.output_dir):  # s3://, gs://, file:// run storage stays as written
         out = Path(cfg.output_dir).expanduser()
         cfg.output_dir = str(out if out.is_absolute() else (base_dir or Path.cwd()) / out)
+        bad = sorted(set("?#") & set(cfg.output_dir))
+        if bad:  # the default MLflow store is a sqlite:/// URI of this path, where '?' and '#' start other parts
+            raise ConfigError(f"config key 'output_dir' = {cfg.output_dir!r} contains {' and '.join(map(repr, bad))}, "
+                              f"which a store URI reads as the start of a query: choose a path without them")
     return cfg
 
 
@@ -463,16 +557,7 @@ def resolve_config_path(path: str | Path | None) -> Path:
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> ExperimentConfig:
     """Load a YAML config (the quickstart when `path` is None) and apply overrides."""
     path = resolve_config_path(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except UnicodeDecodeError as err:
-        raise ConfigError(f"config file {path} is not UTF-8 text (byte {err.start} cannot be decoded): "
-                          f"pass a YAML text file to --config") from None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} holds a {type(data).__name__}, not a mapping of sections "
-                          f"(seed, model, data, ...): see configs/quickstart.yaml")
+    data = read_config_file(path)
     tracking = data.setdefault("tracking", {}) if isinstance(data.get("tracking", {}), dict) else {}
     if "config_file" not in tracking:  # provenance: a packaged config by its name, else the file's path
         packaged = path.resolve().is_relative_to(CONFIGS_DIR.resolve())

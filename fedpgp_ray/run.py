@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from fedpgp_ray.config import ConfigError, ExperimentConfig, config_from_dict, load_config
+from fedpgp_ray.config import ALGORITHM_NAMES, ConfigError, ExperimentConfig, config_from_dict, load_config
 from fedpgp_ray.errors import user_errors
 from fedpgp_ray.rundir import RunDir, check_writable, read_saved_config, write_text_atomic
 from fedpgp_ray.storage import RunStorage, is_uri, join_location
@@ -207,21 +207,24 @@ def main(argv: list[str] | None = None) -> int:
     if args.no_progress:  # data phases (image checks, feature encoding) too: plain lines, no bars
         from fedpgp_ray.progress import set_progress
         set_progress("lines")
-    from fedpgp_ray.algorithms import ALGORITHMS
-
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     cfgs: list[ExperimentConfig] = []
     try:
         if args.resume:
             run_dir = args.resume if is_uri(args.resume) else str(Path(args.resume).resolve())
             saved = read_saved_config(RunStorage(run_dir))
+            try:  # a hand-edited saved config: say which file is wrong
+                config_from_dict(saved, [f"output_dir={run_dir}"])
+            except ConfigError as err:
+                raise ConfigError(f"--resume {run_dir}: the saved config.yaml: {err}") from None
             cfgs = [config_from_dict(saved, [*args.set, f"output_dir={run_dir}"])]
         else:
             cfg = load_config(args.config, args.set)
             names = [a.strip() for a in args.algorithms.split(",")] if args.algorithms else [cfg.algorithm.name]
-            unknown = [n for n in names if n not in ALGORITHMS]
+            unknown = [n for n in names if n not in ALGORITHM_NAMES]
             if unknown:
-                raise ConfigError(f"--algorithms: unknown {', '.join(unknown)}; choose from {', '.join(ALGORITHMS)}")
+                given = "--algorithms: unknown" if args.algorithms else "config key 'algorithm.name' is unknown:"
+                raise ConfigError(f"{given} {', '.join(unknown)}; choose from {', '.join(ALGORITHM_NAMES)}")
             cfgs = [cfg] if len(names) == 1 and not args.algorithms else [
                 dataclasses.replace(cfg, algorithm=dataclasses.replace(cfg.algorithm, name=name),
                                     output_dir=join_location(cfg.output_dir, name)) for name in names]

@@ -31,7 +31,8 @@ from typing import Any
 import yaml
 from filelock import FileLock, Timeout
 
-from fedpgp_ray.config import ConfigError, ExperimentConfig, config_from_dict, config_to_dict, flatten
+from fedpgp_ray.config import (ConfigError, ExperimentConfig, config_from_dict, config_to_dict, flatten,
+                               read_config_text)
 from fedpgp_ray.storage import RunStorage, StorageError
 
 log = logging.getLogger(__name__)
@@ -121,19 +122,23 @@ def missing_keys(saved_raw: dict[str, Any], requested: ExperimentConfig) -> list
 
 
 def read_saved_config(storage: RunStorage) -> dict[str, Any]:
-    """The mapping in a run's config.yaml, or RunDirError (one line) if it is missing or unreadable."""
+    """The mapping in a run's config.yaml (read strictly, `config.read_config_text`), or RunDirError
+    (one line) if it is missing, unreadable or not a config mapping (a hand edit gone wrong)."""
     directory = storage.display()
     if not storage.exists(CONFIG_FILE):
-        raise RunDirError(f"--resume {directory}: no {CONFIG_FILE} there; pass the output_dir of an earlier run")
+        raise RunDirError(f"{directory}: no {CONFIG_FILE} there; pass the output_dir of an earlier run")
     try:
-        data = yaml.safe_load(storage.read_text(CONFIG_FILE))
-        problem = "it is empty" if data is None else f"it holds a {type(data).__name__}, not a mapping"
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
-        data, problem = None, str(err).splitlines()[0]
-    if not isinstance(data, dict):
-        raise RunDirError(f"--resume {directory}: the saved {storage.display(CONFIG_FILE)} cannot be read "
-                          f"({problem}): restore it, or start a new run in another output_dir")
-    return data
+        data = read_config_text(storage.read_text(CONFIG_FILE), "it")
+        if not data:
+            raise ConfigError("it is empty")
+    except UnicodeDecodeError as err:
+        problem = f"it is not UTF-8 text: byte {err.start} cannot be decoded"
+    except ConfigError as err:
+        problem = str(err).removeprefix("it: ")
+    else:
+        return data
+    raise RunDirError(f"the saved {storage.display(CONFIG_FILE)} cannot be read ({problem}): restore it, or start "
+                      f"a new run in another output_dir")
 
 
 def holds_run(storage: RunStorage) -> bool:

@@ -57,3 +57,64 @@ def test_cli_reports_config_errors_in_one_line(capsys, tmp_path):
     assert "config file not found" in capsys.readouterr().err
     assert main(["--algorithms", "fedpgp,nope"]) == 2
     assert "unknown nope" in capsys.readouterr().err
+
+
+# -- strict reading (issue 27) ---------------------------------------------------------------------------
+def test_a_repeated_key_is_an_error_naming_the_key_and_both_lines(tmp_path):
+    path = tmp_path / "dup.yaml"
+    path.write_text("seed: 1\ntrain:\n  local_epochs: 1\n  batch_size: 4\ntrain:\n  rounds: 2\n")
+    with pytest.raises(ConfigError, match=r"key 'train' appears twice in one section, at lines 2 and 5"):
+        load_config(path)
+    path.write_text("train:\n  rounds: 2\n  lr: 0.1\n  rounds: 3\n")  # inside a section too
+    with pytest.raises(ConfigError, match=r"key 'rounds' appears twice in one section, at lines 2 and 4"):
+        load_config(path)
+
+
+def test_anchors_and_aliases_are_refused_before_anything_expands(tmp_path):
+    lines = ["privacy:", "  enabled:", '    - &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    lines += [f"    - &{n} [{','.join([f'*{p}'] * 9)}]" for p, n in zip("abcdefgh", "bcdefghi")]
+    path = tmp_path / "laughs.yaml"
+    path.write_text("\n".join([*lines, "seed: *i"]) + "\n")  # 9^9 strings once expanded (grew past 3 GB)
+    with pytest.raises(ConfigError, match=r"line 3: anchor &a \(YAML anchors and aliases are not allowed"):
+        load_config(path)
+    with pytest.raises(ConfigError, match=r"--set seed: line 1: alias \*x"):
+        config_from_dict({}, ["seed=*x"])
+
+
+def test_a_config_over_the_size_limit_is_refused_unread(tmp_path):
+    from fedpgp_ray.config import MAX_CONFIG_BYTES
+
+    path = tmp_path / "big.yaml"
+    path.write_text("data:\n  domains: [" + ",".join(['"a"'] * (MAX_CONFIG_BYTES // 4 + 1)) + "]\n")
+    with pytest.raises(ConfigError, match=r"is [0-9,]+ bytes, more than a config's limit of 1,048,576"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("value", ["''", "'  '"])
+def test_output_dir_must_name_a_directory(value):
+    with pytest.raises(ConfigError, match="config key 'output_dir' is empty"):
+        config_from_dict({}, [f"output_dir={value}"])
+
+
+@pytest.mark.parametrize("name", ["runs/a?b", "runs/a#b"])
+def test_output_dir_with_uri_query_characters_is_refused(name):
+    with pytest.raises(ConfigError, match=r"contains '[?#]', which a store URI reads as the start of a query"):
+        config_from_dict({}, [f"output_dir={name}"])
+
+
+def test_algorithm_names_known_without_torch_match_the_registry():
+    from fedpgp_ray.algorithms import ALGORITHMS
+    from fedpgp_ray.config import ALGORITHM_NAMES
+
+    assert sorted(ALGORITHM_NAMES) == sorted(ALGORITHMS)
+
+
+def test_refusing_a_config_imports_neither_torch_nor_ray_nor_mlflow(tmp_path):
+    import subprocess
+    import sys
+
+    code = ("import sys; from fedpgp_ray.cli import main; code = main(['run', '--config', 'quickstrat']); "
+            "print(code, sorted(m for m in ('torch', 'open_clip', 'ray', 'mlflow') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split("\n")[0] == "2 []", out
+    assert out.stderr.strip().startswith("error: config file not found: quickstrat") and out.stderr.count("\n") == 1
