@@ -11,6 +11,7 @@ import logging
 import math
 import secrets
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ import torch
 from fedpgp_ray.algorithms import Algorithm, FrozenEncoders, Params, build_algorithm
 from fedpgp_ray.checkpoint import CheckpointStore, MissingClientState
 from fedpgp_ray.clip.backbone import load_clip
+from fedpgp_ray.client_results import MAX_LISTED_CLIENTS
 from fedpgp_ray.clip.features import FeatureRequest, ImageFeatureCache
 from fedpgp_ray.config import ExperimentConfig
 from fedpgp_ray.data.base import ClassificationDataset
@@ -45,9 +47,31 @@ TEST_CHUNK = 2048  # test images per feature-cache entry: fixed index ranges, sh
 
 @dataclass
 class ClientState:
-    """What a client keeps between rounds: personal params and its own optimizer state."""
+    """What a client keeps between rounds: personal params, its own optimizer state, and the round that
+    trained them (-1: a fresh init)."""
     personal: Params
     optimizer: dict | None = None
+    round: int = -1
+
+
+class ClientStateCache(OrderedDict):
+    """Client id -> ClientState, least recently used first; holds at most `capacity` states (None: no
+    bound). Only states that are also in the run storage may be dropped: a worker without storage
+    keeps every state (capacity None)."""
+
+    def __init__(self, capacity: int | None) -> None:
+        super().__init__()
+        self.capacity = capacity
+
+    def __getitem__(self, client_id: int) -> ClientState:
+        self.move_to_end(client_id)
+        return super().__getitem__(client_id)
+
+    def __setitem__(self, client_id: int, state: ClientState) -> None:
+        super().__setitem__(client_id, state)
+        self.move_to_end(client_id)
+        while self.capacity is not None and len(self) > self.capacity:
+            self.popitem(last=False)
 
 
 @dataclass
@@ -89,7 +113,8 @@ class ClientWorker:
             self.dataset, cfg.data, cfg.federation.num_clients, cfg.seed)
         self.encoders = FrozenEncoders(load_clip(cfg.model, device), cfg.algorithm.n_ctx)
         self.store = store
-        self.states: dict[int, ClientState] = {}
+        # personal states in memory: a bounded LRU over the run storage (runtime.client_state_cache)
+        self.states = ClientStateCache(cfg.runtime.client_state_cache if store is not None else None)
         self.reinits: set[int] = set()  # clients re-initialised for lack of a saved state, not yet reported
         self._cache = ImageFeatureCache(self.encoders.clip, cache_dir, cfg.evaluation.batch_size,
                                         content_hash=cfg.data.cache_content_hash)
@@ -154,12 +179,13 @@ class ClientWorker:
                 self._test_tokens = torch.cat(test["patch_tokens"]).to(self.device)
 
     def _load_shared_train_features(self, kinds: list[str]) -> None:
-        """Shared partition: the features of every training image some client holds, as cache entries of
-        TEST_CHUNK consecutive images of that set (memory-mapped from the cache; a client's rows are
-        gathered when it runs, so memory holds only the clients of the moment)."""
+        """Shared partition: the features of every training image of the training classes, as cache entries
+        of TEST_CHUNK consecutive images of that set (the same entries for any number of clients;
+        memory-mapped from the cache: a client's rows are gathered when it runs, so memory holds only
+        the clients of the moment)."""
         if self._shared_rows is not None:
             return
-        used = np.unique(self.partition.clients.train_indices).astype(np.int64)
+        used = np.flatnonzero(np.isin(self.dataset.train.labels, self.partition.train_classes))
         views, name, train = self.cfg.data.augment_views, self.dataset.name, self.dataset.train
         requests = [FeatureRequest(name, "train/shared", train, used[start:start + TEST_CHUNK], views,
                                    self.cfg.seed, kind)
@@ -236,7 +262,8 @@ class ClientWorker:
                        "base_test": len(part.base.indices), "novel_test": 0 if novel is None else len(novel.indices)},
             "clients": {str(c.client_id): {"train": len(c.train_indices), "local_test": len(c.local.indices),
                                            "classes": len(c.classes), **({"domain": c.domain} if c.domain else {})}
-                        for c in part.clients},
+                        for c in part.clients[:MAX_LISTED_CLIENTS]},  # bounded: a federation may be huge
+            **({"clients_total": len(part.clients)} if len(part.clients) > MAX_LISTED_CLIENTS else {}),
             "feature_cache": {
                 "directory": str(self._cache.directory) if self._cache.directory else None,
                 "key_fields": sorted(common),
@@ -247,17 +274,24 @@ class ClientWorker:
         }
 
     # -- client state --------------------------------------------------------------------------------
-    def state(self, client_id: int, before_round: int) -> ClientState:
+    def state(self, client_id: int, before_round: int, state_round: int | None = None) -> ClientState:
         """The client's state, from memory, else the store, else a fresh seeded init.
+
+        state_round: the round that last trained the client, when the runtime knows it (Ray: another
+        actor may have trained it since this one cached it); a cached state of another round is stale
+        and is read again from the store.
 
         A client that trained before (the server's checkpointed history says so) but has no saved
         state gets no silent fresh init: MissingClientState, unless runtime.allow_state_reinit
         (then it is re-initialised and counted in `state_reinits`).
         """
+        cached = self.states.get(client_id)
+        if cached is not None and state_round is not None and cached.round != state_round and self.store:
+            del self.states[client_id]
         if client_id not in self.states:
             saved = self.store.load_client(client_id, before_round - 1) if self.store else None
             if saved is not None:
-                self.states[client_id] = ClientState(saved["personal"], saved.get("optimizer"))
+                self.states[client_id] = ClientState(saved["personal"], saved.get("optimizer"), saved["round"])
             else:
                 if self.store is not None and self.store.trained_before(client_id, before_round):
                     where = self.store.storage.display(f"clients/{client_id}")
@@ -274,12 +308,13 @@ class ClientWorker:
         return self.states[client_id]
 
     # -- fit ----------------------------------------------------------------------------------------
-    def fit(self, client_id: int, rnd: int, global_params: Params) -> FitResult:
-        """Train client `client_id` for E local epochs from the global params and its own state."""
+    def fit(self, client_id: int, rnd: int, global_params: Params, state_round: int | None = None) -> FitResult:
+        """Train client `client_id` for E local epochs from the global params and its own state
+        (state_round: see `state`)."""
         start = time.perf_counter()
         cfg, tc = self.cfg, self.cfg.train
         part = self.partition.clients[client_id]
-        state = self.state(client_id, rnd)
+        state = self.state(client_id, rnd, state_round)
         feats, tokens = self._client_features(client_id)
         labels = self._labels(self.dataset.train.labels[part.train_indices], self.partition.train_classes)
         names = [self.partition.classnames[c] for c in self.partition.train_classes]
@@ -326,6 +361,7 @@ class ClientWorker:
             for index, key in enumerate(params):
                 if key in self.algorithm.global_keys:
                     state.optimizer["state"].pop(index, None)
+        state.round = rnd
         if self.store is not None:
             self.store.save_client(client_id, rnd, {"personal": state.personal, "optimizer": state.optimizer})
         metrics = {k: v / max(steps, 1) for k, v in sums.items()}
@@ -373,17 +409,20 @@ class ClientWorker:
         return out
 
     # -- evaluate -------------------------------------------------------------------------------------
-    def evaluate(self, client_id: int, rnd: int, global_params: Params) -> EvalResult:
+    def evaluate(self, client_id: int, rnd: int, global_params: Params, state_round: int | None = None
+                 ) -> EvalResult:
         """Local / Base / Novel accuracy (%) of the client's classifier (global + its personal params)."""
-        # the state is restored outside inference mode: tensors made inside it could not be trained later
-        # (a replacement actor may evaluate a client before it next fits)
-        state = self.state(client_id, rnd + 1)
+        # loaded outside inference mode: the cached state is trained later (inference tensors cannot be)
+        state = self.state(client_id, rnd + 1, state_round)
         with torch.inference_mode():
-            params = {k: v.to(self.device) for k, v in {**global_params, **state.personal}.items()}
-            part = self.partition.clients[client_id]
-            metrics = {"local": self._accuracy(params, part.local), "base": self._accuracy(params, self.partition.base)}
-            if self.partition.novel is not None:
-                metrics["novel"] = self._accuracy(params, self.partition.novel)
+            return self._evaluate(client_id, state, global_params)
+
+    def _evaluate(self, client_id: int, state: ClientState, global_params: Params) -> EvalResult:
+        params = {k: v.to(self.device) for k, v in {**global_params, **state.personal}.items()}
+        part = self.partition.clients[client_id]
+        metrics = {"local": self._accuracy(params, part.local), "base": self._accuracy(params, self.partition.base)}
+        if self.partition.novel is not None:
+            metrics["novel"] = self._accuracy(params, self.partition.novel)
         return EvalResult(client_id, metrics)
 
     def _accuracy(self, params: Params, eval_set: EvalSet) -> float:

@@ -295,6 +295,9 @@ class RuntimeConfig:
         completed in the run) (see fedpgp_ray.runtime.ray.task_timeout).
     allow_state_reinit: a client that trained before but whose saved personal state cannot be found
         is an error (false); true starts it again from a fresh init, counted as `state_reinits`.
+    client_state_cache: personal states each worker (in-process worker, Ray client actor) keeps in memory,
+        least recently used dropped first; the others are read from the run storage when their client
+        runs again (docs/SCALE.md).
     """
     kind: str = _f("local", choices=("local", "ray"))
     num_actors: int = _f(2, lo=1)
@@ -306,6 +309,7 @@ class RuntimeConfig:
     task_timeout_s: float | None = _f(None, lo=0.0, lo_open=True)
     threads_per_worker: int = _f(0, lo=0)
     allow_state_reinit: bool = _f(False)
+    client_state_cache: int = _f(1000, lo=1)
 
 
 @dataclass

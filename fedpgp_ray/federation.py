@@ -11,6 +11,7 @@ from fedpgp_ray import privacy
 from fedpgp_ray.secagg import ddp
 from fedpgp_ray.algorithms import Params, build_algorithm
 from fedpgp_ray.checkpoint import CheckpointStore
+from fedpgp_ray.client_results import accuracy_summary, listed
 from fedpgp_ray.config import ExperimentConfig, config_to_dict
 from fedpgp_ray.runtime.base import Runtime
 from fedpgp_ray.secagg.protocol import STAGES as SECAGG_STAGES
@@ -76,6 +77,7 @@ def run_federation(cfg: ExperimentConfig, runtime: Runtime, store: CheckpointSto
                 results, failures = [], []  # too few sampled clients to hide one: no update (no one trains)
             else:
                 results, failures = runtime.fit(rnd, sampled, global_params)
+                metrics["fit_phase_seconds"] = time.perf_counter() - tick
                 if strategy.secagg is not None and global_params:
                     secure_aggregation(rnd, server, runtime, [r.client_id for r in results])
             metrics.update(clients_sampled=float(len(sampled)), **server.aggregate_train(rnd, results, failures))
@@ -85,7 +87,9 @@ def run_federation(cfg: ExperimentConfig, runtime: Runtime, store: CheckpointSto
             global_params = server.global_params()
         eval_ids = strategy.configure_evaluate(rnd)
         if eval_ids is not None:
+            began_eval = time.perf_counter()
             eval_results, _ = runtime.evaluate(rnd, eval_ids, global_params)
+            metrics["evaluate_phase_seconds"] = time.perf_counter() - began_eval
             metrics.update(server.aggregate_evaluate(rnd, eval_results))
             for r in eval_results:
                 clients.setdefault(r.client_id, {}).update(r.metrics)
@@ -119,9 +123,13 @@ def results_document(cfg: ExperimentConfig, history: list[RoundReport], wall_sec
         "config": config_to_dict(cfg),
         "metric_names": METRIC_NAMES,
         "final": clean({k: last_eval.metrics[k] for k in keys if k in last_eval.metrics}),
-        "final_clients": {str(c): clean(m) for c, m in last_eval.clients.items()},
+        # per client: the whole run in clients.parquet; here at most MAX_LISTED_CLIENTS per round
+        "final_summary": accuracy_summary(last_eval.clients),
+        "final_clients": {str(c): clean(m) for c, m in listed(last_eval.clients).items()},
         "rounds": [{"round": h.round, "metrics": clean(h.metrics),
-                    "clients": {str(c): clean(m) for c, m in h.clients.items()}} for h in history],
+                    "clients": {str(c): clean(m) for c, m in listed(h.clients).items()},
+                    **({"clients_total": len(h.clients)} if len(h.clients) > len(listed(h.clients)) else {})}
+                   for h in history],
         "wall_seconds": wall_seconds,
         "dataset_manifest": dataset_manifest,
         **({"privacy": privacy_summary(cfg, max(h.round for h in history))} if privacy_applies(cfg) else {}),

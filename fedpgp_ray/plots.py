@@ -91,7 +91,11 @@ def accuracy_figure(doc: dict[str, Any]):
 
 
 def client_bars(doc: dict[str, Any], path: str | Path) -> Path:
-    """Grouped bars of each client's final Local / Base / Novel accuracy (%)."""
+    """Grouped bars of each client's final Local / Base / Novel accuracy (%); beyond the clients a
+    results document lists (client_results.MAX_LISTED_CLIENTS), their distribution instead."""
+    summary = doc.get("final_summary", {})
+    if max((s["n"] for s in summary.values()), default=0) > len(doc.get("final_clients", {})):
+        return client_distribution(doc, path)
     clients = sorted(doc.get("final_clients", {}).items(), key=lambda item: int(item[0]))
     keys = [k for k in ("local", "base", "novel") if any(_number(m.get(k)) is not None for _, m in clients)]
     fig = _figure(min(max(6.4, 0.22 * len(clients) * max(len(keys), 1) + 1.5), 18.0), 4.0)
@@ -111,6 +115,41 @@ def client_bars(doc: dict[str, Any], path: str | Path) -> Path:
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     else:
         ax.text(0.5, 0.5, "no per-client results", ha="center", va="center", transform=ax.transAxes)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png")
+    return path
+
+
+def client_distribution(doc: dict[str, Any], path: str | Path) -> Path:
+    """Histogram and CDF over clients of the final Local / Base / Novel accuracy (%), from the results
+    document's `final_summary` (5-point bins), with the mean +- 95% interval in the legend."""
+    summary = doc["final_summary"]
+    fig = _figure(11.0, 4.0)
+    hist, cdf = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    for key in [k for k in ("local", "base", "novel") if k in summary]:
+        s = summary[key]
+        counts = s["histogram"]
+        edges = [100.0 * i / len(counts) for i in range(len(counts) + 1)]
+        label = f"{LABELS[key]} {s['mean']:.1f} ± {s['ci95']:.1f}"
+        hist.stairs(counts, edges, label=label)
+        total, running = max(sum(counts), 1), 0
+        ys = [0.0]
+        for c in counts:
+            running += c
+            ys.append(running / total)
+        cdf.plot(edges, ys, label=LABELS[key])
+    n = max(s["n"] for s in summary.values())
+    hist.set_xlabel("final accuracy (%)")
+    hist.set_ylabel("clients")
+    hist.set_title(f"{n} clients: {_title(doc)}", fontsize=10)
+    hist.legend(fontsize=8, title="mean ± 95% CI", title_fontsize=8)
+    cdf.set_xlabel("final accuracy (%)")
+    cdf.set_ylabel("share of clients at or below")
+    cdf.set_title("CDF over clients", fontsize=10)
+    for ax in (hist, cdf):
+        ax.grid(True, alpha=0.3)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -133,12 +133,22 @@ def _run_in_dir(cfg: ExperimentConfig, resume: bool, progress: bool, listeners: 
     status(f"{cfg.algorithm.name}: writing results.json, tables and figures"
            + (" and logging to MLflow" if extra else ""))
     storage.write_text(RESULTS_FILE, json.dumps(results, indent=2))
+    write_client_results(storage, store)
     write_report(storage, results)
     for listener in extra:
         finish = getattr(listener, "on_end", None)
         if finish:
             finish(results)
     return results
+
+
+def write_client_results(storage: RunStorage, store: Any) -> None:
+    """clients.parquet beside results.json: every (round, client) of the run, from the last server
+    checkpoint's history (results.json lists at most client_results.MAX_LISTED_CLIENTS per round)."""
+    from fedpgp_ray.client_results import PARQUET_FILE, parquet_bytes
+
+    saved = store.latest_server()
+    storage.write_bytes(PARQUET_FILE, parquet_bytes(saved["history"] if saved else []))
 
 
 def write_report(storage: RunStorage, results: dict[str, Any]) -> None:

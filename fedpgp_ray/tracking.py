@@ -37,6 +37,7 @@ from typing import Any
 
 import yaml
 
+from fedpgp_ray.client_results import MAX_LISTED_CLIENTS, PARQUET_FILE
 from fedpgp_ray.config import ExperimentConfig, config_to_dict, flatten
 from fedpgp_ray.messages import one_line
 from fedpgp_ray.storage import RunStorage, StorageError, is_uri
@@ -177,7 +178,8 @@ def config_params(cfg: ExperimentConfig) -> dict[str, str]:
 
 
 def round_metrics(round_report: dict[str, Any] | Any) -> dict[str, float]:
-    """A round's metrics as MLflow keys: aggregates as they are, per client under `client/<id>/<key>`.
+    """A round's metrics as MLflow keys: aggregates as they are, per client under `client/<id>/<key>` for
+    client ids below MAX_LISTED_CLIENTS (a bounded number of series; every client is in clients.parquet).
 
     Non-finite values (NaN: a metric without data) are left out. `round_seconds` comes last.
     """
@@ -185,6 +187,8 @@ def round_metrics(round_report: dict[str, Any] | Any) -> dict[str, float]:
         round_report = {"metrics": round_report.metrics, "clients": round_report.clients}
     out: dict[str, float] = {}
     for cid, metrics in sorted(round_report.get("clients", {}).items(), key=lambda item: int(item[0])):
+        if int(cid) >= MAX_LISTED_CLIENTS:
+            continue
         for key, value in metrics.items():
             out[f"client/{cid}/{key}"] = value
     marker = None
@@ -373,6 +377,8 @@ class MlflowTracker:
         if results.get("dataset_manifest"):  # what loaded: classes, base/novel names, image counts, cache key
             (stage / "dataset_manifest.json").write_text(json.dumps(results["dataset_manifest"], indent=2))
         plots.write_results_tables(results, stage / "results")
+        if self.storage.exists(PARQUET_FILE):  # every client of every round (results.json lists a few)
+            (stage / "results" / PARQUET_FILE).write_bytes(self.storage.read_bytes(PARQUET_FILE))
         plots.write_figures(results, stage / "figures")
         from fedpgp_ray.checkpoint import CheckpointStore
 
@@ -380,7 +386,7 @@ class MlflowTracker:
         config = results.get("config", {})
         if config.get("privacy", {}).get("enabled") or config.get("secagg", {}).get("enabled"):
             return  # DP / SecAgg: a client's state file names its last training round; it stays in the run directory
-        for cid in store.client_ids():
+        for cid in store.client_ids()[:MAX_LISTED_CLIENTS]:  # bounded: the run directory keeps them all
             newest = store.newest_client_file(cid)
             if newest:  # the newest state: the client's final personal adapters (and optimizer state)
                 target = stage / "checkpoints" / "clients" / str(cid)

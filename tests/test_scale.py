@@ -94,3 +94,137 @@ def test_spread_over_clients_gives_the_standard_error_and_percentiles():
     assert spread["local_p50"] == 25 and spread["base_se"] == 0.0
     assert "novel_se" not in spread
     assert spread_over_clients({0: {"local": 5.0}})["local_se"] == 0.0
+
+
+# -- balanced assignment of a phase's clients to workers ------------------------------------------
+from fedpgp_ray.runtime.assign import balanced_slots  # noqa: E402
+
+
+def test_balanced_slots_keeps_clients_home_when_the_spread_is_even():
+    assert balanced_slots(list(range(10)), 2) == {0: [0, 2, 4, 6, 8], 1: [1, 3, 5, 7, 9]}
+    assert balanced_slots([], 2) == {0: [], 1: []}
+
+
+def test_balanced_slots_never_overloads_one_worker():
+    # every sampled id is even: by home alone, actor 0 would get all 10 and actor 1 none
+    slots = balanced_slots([2 * k for k in range(10)], 2)
+    assert sorted(len(v) for v in slots.values()) == [5, 5]
+    assert sorted(slots[0] + slots[1]) == [2 * k for k in range(10)]
+    assert slots[0] == [0, 2, 4, 6, 8], "the first clients stay home"
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        n = int(rng.integers(1, 6))
+        ids = sorted(rng.choice(100_000, size=int(rng.integers(1, 40)), replace=False).tolist())
+        slots = balanced_slots(ids, n)
+        sizes = [len(v) for v in slots.values()]
+        assert max(sizes) == -(-len(ids) // n) and sorted(sum(slots.values(), [])) == ids  # the fair share
+
+
+# -- bounded personal-state cache over the run storage --------------------------------------------
+SMALL_WORLD = ["data.partition=shared", "data.shots=2", "data.world.num_classes=8", "data.world.train_per_class=20",
+               "data.world.test_per_class=4", "federation.num_clients=1000", "train.local_epochs=1",
+               "model.pretrained=null", "algorithm.n_ctx=4"]
+
+
+def _worker(tmp_path, name, cache_size, store_dir="store"):
+    from fedpgp_ray.checkpoint import CheckpointStore
+    from fedpgp_ray.client import ClientWorker
+
+    cfg = load_config(None, [*SMALL_WORLD, f"runtime.client_state_cache={cache_size}"])
+    return ClientWorker(cfg, store=CheckpointStore(tmp_path / store_dir), cache_dir=str(tmp_path / "features"))
+
+
+def _rounds(worker, clients, rounds=3):
+    """A small federation on one worker: fit then evaluate `clients` each round (global params fixed)."""
+    import torch
+
+    glob = worker.global_params()
+    out = []
+    for rnd in range(1, rounds + 1):
+        for cid in clients:
+            fit = worker.fit(cid, rnd, glob)
+            out.append((rnd, cid, {k: v.clone() for k, v in fit.params.items()}, fit.metrics["loss"]))
+            out.append((rnd, cid, worker.evaluate(cid, rnd, glob).metrics))
+            assert len(worker.states) <= worker.states.capacity
+    return out, torch
+
+
+def test_state_cache_is_bounded_and_reloads_from_storage_with_identical_results(tmp_path):
+    clients = [3, 999, 17, 500]
+    small = _worker(tmp_path, "small", 2, "small")
+    large = _worker(tmp_path, "large", 1000, "large")
+    got, torch = _rounds(small, clients)
+    want, _ = _rounds(large, clients)
+    assert len(small.states) == 2 and len(large.states) == 4
+    for a, b in zip(got, want):
+        assert a[:2] == b[:2]
+        if len(a) == 4:
+            assert all(torch.equal(a[2][k], b[2][k]) for k in a[2]) and a[3] == b[3]
+        else:
+            assert a[2] == b[2]
+
+
+def test_a_state_trained_on_another_worker_replaces_the_cached_one(tmp_path):
+    """Two Ray actors share the run storage: actor A cached client 5 after round 1, actor B trained it in
+    round 2; told the round that last trained it, A reads B's state instead of its stale copy."""
+    a = _worker(tmp_path, "a", 10)
+    b = _worker(tmp_path, "b", 10)
+    glob = a.global_params()
+    a.fit(5, 1, glob)
+    b.fit(5, 2, glob)
+    fresh = b.evaluate(5, 2, glob).metrics
+    assert a.states[5].round == 1
+    assert a.evaluate(5, 2, glob, state_round=2).metrics == fresh
+    assert a.states[5].round == 2
+
+
+# -- results that scale: Parquet with every client, bounded JSON, distribution figures ------------
+@pytest.mark.slow
+def test_a_sampled_run_writes_every_evaluated_client_to_parquet_and_bounded_summaries(tmp_path):
+    import json
+
+    import pyarrow.parquet as pq
+
+    from fedpgp_ray.client_results import MAX_LISTED_CLIENTS
+    from fedpgp_ray.run import run_experiment
+
+    cfg = load_config(None, [*SMALL_WORLD, "federation.num_clients=200", "federation.client_fraction=0.02",
+                             "evaluation.num_clients=6", "evaluation.every=1", "evaluation.final=all",
+                             "train.rounds=2", "runtime.kind=local", "tracking.mlflow=false",
+                             f"output_dir={tmp_path / 'run'}", "runtime.client_state_cache=3"])
+    doc = run_experiment(cfg, progress=False)
+    rounds = {r["round"]: r for r in doc["rounds"]}
+    assert rounds[1]["metrics"]["clients_evaluated"] == 6 and rounds[1]["metrics"]["clients_sampled"] == 4
+    assert "local_se" in rounds[1]["metrics"] and "local_p50" in rounds[1]["metrics"]
+    assert rounds[2]["metrics"]["clients_evaluated"] == 200  # evaluation.final=all
+    assert len(rounds[2]["clients"]) == MAX_LISTED_CLIENTS and rounds[2]["clients_total"] == 200
+    assert len(doc["final_clients"]) == MAX_LISTED_CLIENTS
+    summary = doc["final_summary"]["local"]
+    assert summary["n"] == 200 and sum(summary["histogram"]) == 200
+    assert summary["mean"] == pytest.approx(doc["final"]["local"])
+    assert summary["ci95"] == pytest.approx(1.96 * rounds[2]["metrics"]["local_se"])
+    assert len(doc["dataset_manifest"]["clients"]) == MAX_LISTED_CLIENTS
+    assert doc["dataset_manifest"]["clients_total"] == 200
+    table = pq.read_table(tmp_path / "run" / "clients.parquet").to_pylist()
+    evaluated = {r: sorted(row["client_id"] for row in table if row["round"] == r and row["local"] is not None)
+                 for r in range(3)}
+    assert [len(evaluated[r]) for r in range(3)] == [6, 6, 200], "one row per evaluated client"
+    trained = [row for row in table if row.get("train_loss") is not None]
+    assert len(trained) == 8 and all(row["round"] in (1, 2) for row in trained)
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert saved["final_summary"]["local"]["n"] == 200
+    assert (tmp_path / "run" / "clients.png").stat().st_size > 0
+
+
+def test_client_figure_shows_a_distribution_beyond_the_listed_clients(tmp_path):
+    from fedpgp_ray import plots
+    from fedpgp_ray.client_results import accuracy_summary, listed
+
+    per_client = {str(c): {"local": float(c % 100), "base": 40.0, "novel": 30.0} for c in range(1000)}
+    doc = {"algorithm": "fedpgp", "dataset": "world", "final": {}, "rounds": [],
+           "final_clients": listed(per_client), "final_summary": accuracy_summary(per_client)}
+    assert len(doc["final_clients"]) == 32 and doc["final_summary"]["local"]["n"] == 1000
+    bars = plots.client_bars({**doc, "final_summary": accuracy_summary(doc["final_clients"])}, tmp_path / "b.png")
+    dist = plots.client_bars(doc, tmp_path / "d.png")
+    from PIL import Image
+    assert Image.open(bars).size != Image.open(dist).size  # the distribution figure, not 32 bars

@@ -6,10 +6,12 @@ Layout (config `runtime.kind: ray`):
   cached image features). Each actor is created inside a placement group with explicit
   `num_cpus` and a fractional `num_gpus`; start-up fails with `PlacementError` instead of
   hanging when the bundles cannot be placed within `runtime.placement_timeout_s`.
-* Clients are sticky: client `cid` is always served by actor slot `cid % num_actors`, so its
-  personal parameters and optimizer state stay in that actor's memory between rounds. The
-  worker also writes them to the run's `CheckpointStore` after every turn; a replacement actor
-  (same slot, empty memory) restores them from there on first use.
+* Clients are sticky where it costs nothing and balanced always (`runtime.assign.balanced_slots`):
+  a sampled client goes to its home slot `cid % num_actors` unless that actor already has its fair
+  share of the phase's clients, then to the least-loaded actor. Each actor keeps a bounded LRU of
+  personal states (`runtime.client_state_cache`) over the run's `CheckpointStore`, written after every
+  turn; the driver sends each task the round that last trained the client, so a stale cached copy is
+  read again from the store.
 * A server actor hosts `fedpgp_ray.server.Server` (global parameters, sample-weighted
   aggregation, atomic per-round checkpoints); the driver talks to it through `ServerProxy`,
   which has the Server's methods.

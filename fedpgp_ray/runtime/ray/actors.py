@@ -110,7 +110,8 @@ class ClientActor:
     def global_params(self) -> Params:
         return self.worker.global_params()
 
-    def fit(self, client_id: int, rnd: int, global_params: Params, fault: str | None = None) -> FitResult:
+    def fit(self, client_id: int, rnd: int, global_params: Params, fault: str | None = None,
+            state_round: int | None = None) -> FitResult:
         """Train one client. fault: injected failure ("exit": the process dies, "fail": raise)."""
         if fault == "exit":
             os._exit(1)  # a crashed worker process, mid-round
@@ -120,12 +121,13 @@ class ClientActor:
             time.sleep(10**6)  # alive but stuck (a deadlock, a hung filesystem): only a timeout ends it
         if self.start_error is not None:
             raise self.start_error
-        return self.worker.fit(client_id, rnd, global_params)
+        return self.worker.fit(client_id, rnd, global_params, state_round)
 
-    def evaluate(self, client_id: int, rnd: int, global_params: Params, fault: str | None = None) -> EvalResult:
+    def evaluate(self, client_id: int, rnd: int, global_params: Params, fault: str | None = None,
+                 state_round: int | None = None) -> EvalResult:
         if self.start_error is not None:
             raise self.start_error
-        return self.worker.evaluate(client_id, rnd, global_params)
+        return self.worker.evaluate(client_id, rnd, global_params, state_round)
 
     def secagg_batch(self, rnd: int, stage: str, requests: dict[int, Any]) -> dict[int, Any]:
         """One SecAgg stage for this actor's clients of the round (ClientWorker.secagg_batch)."""

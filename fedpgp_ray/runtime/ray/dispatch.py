@@ -14,6 +14,7 @@ from ray.exceptions import RayActorError, RayError, RayTaskError
 
 from fedpgp_ray.algorithms import Params
 from fedpgp_ray.config import RuntimeConfig
+from fedpgp_ray.runtime.assign import balanced_slots
 from fedpgp_ray.runtime.base import RoundProgress
 from fedpgp_ray.runtime.ray.actors import unwrap
 from fedpgp_ray.runtime.ray.faults import FaultPlan
@@ -57,6 +58,7 @@ class ActorPool(Protocol):
     faults: FaultPlan
     task_seq: int
     slowest_task_s: float
+    state_round: dict[int, int]  # client -> the round that last trained it in this session
 
     def slot_of(self, client_id: int) -> int: ...
 
@@ -68,9 +70,8 @@ def dispatch(rt: ActorPool, method: str, rnd: int, client_ids: list[int], global
     """Run `method` ("fit" / "evaluate") for `client_ids` on rt's actors: the results sorted by client id,
     the clients dropped after too many failed attempts, and the phase's fault counters."""
     params_ref = ray.put(global_params)  # one copy in the object store per phase, shared by all tasks
-    queues: dict[int, deque[int]] = {s: deque() for s in range(rt.num_actors)}
-    for cid in sorted(client_ids):
-        queues[rt.slot_of(cid)].append(cid)
+    # sticky where it costs nothing, balanced always: no actor gets more than its fair share
+    queues = {s: deque(ids) for s, ids in balanced_slots(client_ids, rt.num_actors).items()}
     attempts: dict[int, int] = {cid: 0 for cid in client_ids}
     inflight: dict[Any, _Task] = {}
     results: dict[int, Any] = {}
@@ -84,7 +85,8 @@ def dispatch(rt: ActorPool, method: str, rnd: int, client_ids: list[int], global
         while queues[slot] and sum(t.slot == slot for t in inflight.values()) < PIPELINE_DEPTH:
             cid = queues[slot].popleft()
             ref = getattr(rt.actors[slot], method).remote(cid, rnd, params_ref,
-                                                          rt.faults.fault_for(method, rnd, cid, attempts[cid]))
+                                                          rt.faults.fault_for(method, rnd, cid, attempts[cid]),
+                                                          rt.state_round.get(cid))
             rt.task_seq += 1
             inflight[ref] = _Task(cid, slot, rt.task_seq, time.monotonic())
             if method == "fit" and (rnd, cid) in rt.faults.kill - rt.faults.fired:
@@ -165,6 +167,8 @@ def dispatch(rt: ActorPool, method: str, rnd: int, client_ids: list[int], global
         task = inflight.pop(ref)
         try:
             results[task.client_id] = ray.get(ref)
+            if method == "fit":  # later tasks tell any actor which state is current (ClientWorker.state)
+                rt.state_round[task.client_id] = rnd
             progress.client_done(len(results))
             now = time.monotonic()
             rt.slowest_task_s = max(rt.slowest_task_s, now - max(task.submitted, slot_free_at[task.slot]))

@@ -16,6 +16,7 @@ from fedpgp_ray.algorithms import Params
 from fedpgp_ray.checkpoint import CheckpointStore
 from fedpgp_ray.client import EvalResult, FitResult
 from fedpgp_ray.config import ExperimentConfig
+from fedpgp_ray.runtime.assign import home_slot
 from fedpgp_ray.runtime.base import Runtime, status, worker_threads
 from fedpgp_ray.runtime.ray.actors import RemoteClientActor, RemoteServerActor, process_memory, unwrap
 from fedpgp_ray.runtime.ray.dispatch import dispatch, task_timeout
@@ -51,6 +52,7 @@ class RayRuntime(Runtime):
         self._counters: dict[str, dict[str, float]] = {}
         self.task_seq = 0  # client tasks submitted in this run (orders an actor's tasks)
         self.slowest_task_s = 0.0  # the slowest client task completed in this run (automatic task timeout)
+        self.state_round: dict[int, int] = {}  # client -> the round that last trained it (sent with its tasks)
         self.marker: str | None = None
         self.owns_ray = connect(self.rc, self.num_actors)
         try:
@@ -107,12 +109,12 @@ class RayRuntime(Runtime):
 
     # -- Runtime interface ------------------------------------------------------------------------
     def slot_of(self, client_id: int) -> int:
-        """Sticky assignment: the actor slot that serves (and remembers) a client."""
-        return client_id % self.num_actors
+        """The actor slot a client returns to when the phase's balance allows (runtime.assign.balanced_slots)."""
+        return home_slot(client_id, self.num_actors)
 
-    def clients_of(self, slot: int) -> list[int]:
-        """The clients actor `slot` serves (see slot_of)."""
-        return [c for c in range(self.cfg.federation.num_clients) if self.slot_of(c) == slot]
+    def clients_of(self, slot: int) -> range:
+        """The clients whose home is actor `slot` (see slot_of); a range, not a list of the federation."""
+        return range(slot, self.cfg.federation.num_clients, self.num_actors)
 
     def dataset_manifest(self) -> dict[str, Any] | None:
         """What the actors loaded (actor 0's manifest) and the feature-cache entries every actor used."""
