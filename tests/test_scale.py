@@ -1,6 +1,8 @@
 """Cross-device scale: costs and memory in sampled clients, not in the federation (docs/SCALE.md)."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -228,3 +230,23 @@ def test_client_figure_shows_a_distribution_beyond_the_listed_clients(tmp_path):
     dist = plots.client_bars(doc, tmp_path / "d.png")
     from PIL import Image
     assert Image.open(bars).size != Image.open(dist).size  # the distribution figure, not 32 bars
+
+
+def test_the_world_is_rendered_once_per_machine_and_read_back_identically(tmp_path, monkeypatch):
+    from fedpgp_ray.data import world
+
+    monkeypatch.setenv("FEDPGP_CACHE_DIR", str(tmp_path / "cache"))
+    calls = []
+    render = world.render_classes
+    monkeypatch.setattr(world, "render_classes", lambda *a, **k: calls.append(1) or render(*a, **k))
+    cfg = DataConfig(world=dataclasses.replace(DataConfig().world, num_classes=8, train_per_class=3,
+                                               test_per_class=2))
+    first = world.build_world(cfg, seed=0)
+    assert len(calls) == 2  # train and test, once each
+    again = world.build_world(cfg, seed=0)
+    assert len(calls) == 2, "read from the cache, not rendered again"
+    assert np.array_equal(first.train.images, again.train.images) and np.array_equal(first.test.labels,
+                                                                                      again.test.labels)
+    fresh = world.build_split(world.world_classes(8), 3, ["task"], 32, 0, world.STREAM_TRAIN)
+    assert np.array_equal(np.asarray(again.train.images), fresh.images)
+    assert sorted(p.suffix for p in (tmp_path / "cache" / "world").glob("*.npy")) == [".npy", ".npy"]

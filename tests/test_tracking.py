@@ -72,8 +72,10 @@ def test_round_metrics_are_split_into_batches_of_1000_with_the_marker_last():
     report = types.SimpleNamespace(round=3, metrics={"round_seconds": 1.0, "local": 50.0, "novel": float("nan")},
                                    clients={c: {"local": 1.0, "base": 2.0, "train_loss": 0.5} for c in range(400)})
     metrics = tracking.round_metrics(report)
-    assert "novel" not in metrics and metrics["client/399/train_loss"] == 0.5
+    assert "novel" not in metrics and metrics["client/31/train_loss"] == 0.5
+    assert "client/32/local" not in metrics  # a bounded number of per-client series (all in clients.parquet)
     assert list(metrics)[-1] == tracking.STEP_MARKER
+    metrics = {**{f"extra/{i}": 1.0 for i in range(1202 - len(metrics))}, **metrics}
     calls = []
     fake = types.SimpleNamespace(log_batch=lambda run_id, metrics=(), **_: calls.append(list(metrics)))
     run = types.SimpleNamespace(info=types.SimpleNamespace(run_id="r", run_name="n", experiment_id="1",

@@ -23,6 +23,7 @@ and pretraining batches never share a stream, and each style has its own.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -449,17 +450,40 @@ def dataset_name(num_classes: int, train_per_class: int, test_per_class: int, si
 
 
 def build_split(classes: Sequence[WorldClass], per_class: int, styles: Sequence[str], size: int, seed: int,
-                stream_id: int) -> ImageSplit:
-    """`per_class` images of every class in every style (class-balanced); domains set when several styles."""
+                stream_id: int, cache_name: str | None = None) -> ImageSplit:
+    """`per_class` images of every class in every style (class-balanced); domains set when several styles.
+    cache_name: keep the rendered images on disk under that name (`rendered_once`)."""
     labels_one = np.repeat(np.arange(len(classes), dtype=np.int64), per_class)
-    images, labels, domains = [], [], []
-    for d, style in enumerate(styles):
-        rng = stream(seed, stream_id, STYLES.index(style))
-        images.append(render_classes(classes, labels_one, style, size, rng))
-        labels.append(labels_one)
-        domains.append(np.full(len(labels_one), d, np.int64))
-    return ImageSplit(np.concatenate(images), np.concatenate(labels),
-                      np.concatenate(domains) if len(styles) > 1 else None)
+
+    def render_all() -> np.ndarray:
+        return np.concatenate([render_classes(classes, labels_one, style, size,
+                                              stream(seed, stream_id, STYLES.index(style))) for style in styles])
+
+    images = render_all() if cache_name is None else rendered_once(cache_name, render_all)
+    domains = [np.full(len(labels_one), d, np.int64) for d in range(len(styles))]
+    return ImageSplit(images, np.tile(labels_one, len(styles)), np.concatenate(domains) if len(styles) > 1 else None)
+
+
+def rendered_once(name: str, render_all) -> np.ndarray:
+    """The images of `name`, rendered once per machine: read (memory-mapped) from `<feature cache>/world/
+    <name>.npy`, else rendered under a file lock (processes starting together, e.g. Ray actors, wait
+    for the first) and written there. Without a writable cache directory, rendered in memory."""
+    from filelock import FileLock
+
+    from fedpgp_ray.clip.features import default_cache_dir
+
+    folder = default_cache_dir() / "world"
+    path = folder / f"{name}.npy"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(folder / f"{name}.lock")):
+            if not path.is_file():
+                tmp = folder / f"{name}.{os.getpid()}.tmp.npy"
+                np.save(tmp, render_all())
+                os.replace(tmp, path)
+        return np.load(path, mmap_mode="r")
+    except (OSError, ValueError):  # a read-only or full disk, a damaged file: render in memory this time
+        return render_all()
 
 
 def _check_styles(styles: Sequence[str], key: str) -> None:
@@ -479,12 +503,13 @@ def build_world(cfg, seed: int) -> ClassificationDataset:
     styles = list(w.domains) if domain_level else [w.style]
     _check_styles(styles, "data.world.domains" if domain_level else "data.world.style")
     classes = world_classes(w.num_classes)
-    train = build_split(classes, w.train_per_class, styles, w.image_size, seed, STREAM_TRAIN)
-    test = build_split(classes, w.test_per_class, styles, w.image_size, seed, STREAM_TEST)
+    name = dataset_name(w.num_classes, w.train_per_class, w.test_per_class, w.image_size,
+                        (["dom"] if domain_level else []) + styles, seed)
+    # rendered once per image and machine (the name holds every parameter and the generator version)
+    train = build_split(classes, w.train_per_class, styles, w.image_size, seed, STREAM_TRAIN, f"{name}-train")
+    test = build_split(classes, w.test_per_class, styles, w.image_size, seed, STREAM_TEST, f"{name}-test")
     if domain_level and len(styles) == 1:  # one listed domain: still a domain-level dataset
         train = ImageSplit(train.images, train.labels, np.zeros(len(train), np.int64))
         test = ImageSplit(test.images, test.labels, np.zeros(len(test), np.int64))
-    name = dataset_name(w.num_classes, w.train_per_class, w.test_per_class, w.image_size,
-                        (["dom"] if domain_level else []) + styles, seed)
     return ClassificationDataset(name=name, classnames=[k.name for k in classes], train=train, test=test,
                                  domains=styles if domain_level else [])
