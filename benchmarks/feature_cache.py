@@ -14,7 +14,8 @@ same experiment (shipped tiny CLIP with random weights, 1 round, CoOp augmentati
 
 and prints per case: image passes encoded (per actor for Ray), what one pass of the experiment
 needs, cache entries and size, seconds until the runtime is ready (dataset, partition, features)
-and until the first training round has finished.
+and until the first training round has finished. It also times reading every entry of the cache
+back (`torch.load`) against the checksum verified on each read (sha256 of the tensor).
 """
 from __future__ import annotations
 
@@ -75,6 +76,25 @@ def run_case(label: str, cfg, cache_dir: Path) -> dict:
             "entries": len(entries), "cache_mib": sum(e["bytes"] for e in entries) / 2**20, "manifest": manifest}
 
 
+def read_cost(cache_dir: Path) -> dict:
+    """Seconds to load every cache entry, and to verify their checksums on top (what each read costs)."""
+    import torch
+
+    from fedpgp_ray.clip.features import tensor_sha256
+
+    load_s = verify_s = 0.0
+    paths = sorted(cache_dir.glob("*.pt"))
+    for path in paths:
+        tick = time.perf_counter()
+        entry = torch.load(path, weights_only=True, map_location="cpu")
+        load_s += time.perf_counter() - tick
+        tick = time.perf_counter()
+        assert tensor_sha256(entry["value"]) == entry["sha256"], path
+        verify_s += time.perf_counter() - tick
+    return {"entries": len(paths), "mib": sum(p.stat().st_size for p in paths) / 2**20,
+            "load_s": load_s, "verify_s": verify_s}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--classes", type=int, default=100)
@@ -108,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         ray2 = config_from_dict({**base, "runtime": {"kind": "ray", "num_actors": 2, "num_cpus_per_actor": 1}})
         clear_cache(cache_dir)
         cases = [run_case("local, empty cache", local, cache_dir), run_case("local, same config again", local, cache_dir)]
+        reads = read_cost(cache_dir)
         if not args.skip_ray:
             clear_cache(cache_dir)
             cases.append(run_case("ray 2 actors, cache cleared", ray2, cache_dir))
@@ -122,6 +143,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{c['case']:<30}{enc:>16}{c['entries']:>9}{c['cache_mib']:>8.2f}{c['ready_s']:>9.1f}"
                   f"{c['first_round_s']:>13.1f}")
         print("cache key fields:", ", ".join(m["feature_cache"]["key_fields"]))
+        print(f"reading the {reads['entries']} entries back ({reads['mib']:.2f} MiB): load {reads['load_s'] * 1e3:.1f} ms, "
+              f"checksum verification {reads['verify_s'] * 1e3:.1f} ms on top "
+              f"(+{100 * reads['verify_s'] / max(reads['load_s'], 1e-9):.0f}%; "
+              f"{reads['verify_s'] * 1e3 / max(reads['mib'], 1e-9):.2f} ms per MiB)")
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)

@@ -5,6 +5,13 @@ are written atomically through the run storage (`fedpgp_ray.storage.RunStorage`:
 path, s3://, gs://), so a crash mid-write never leaves a corrupt one. Client states are versioned
 by round, so resuming from server round r never sees a client state trained in an unfinished
 round r + 1.
+
+A client state records the run id, the client id and the round; all three are checked on load. A
+newest client state that cannot be read (truncated, refused by `weights_only`) or is another
+client's, another run's or another round's is moved aside (`round_<r>.pt.unreadable`) and never
+replaced by an older file of that client alone, which would mix rounds: the whole run (server and
+clients) rolls back to round r - 1 (`ClientStateRollback`, `apply_rollback`) and redoes the rounds
+from r, or, when the server no longer keeps round r - 1, stops in one line (`ClientStateDamaged`).
 """
 from __future__ import annotations
 
@@ -36,6 +43,18 @@ class UnreadableCheckpoint(ValueError):
 
 class MissingClientState(StorageError):
     """A client that trained before has no saved personal state where the run storage says it should."""
+
+
+class ClientStateDamaged(StorageError):
+    """A client's newest state is unreadable or foreign, and the run cannot roll back past it."""
+
+
+class ClientStateRollback(ClientStateDamaged):
+    """A client's newest state is unreadable or foreign; `ROLLBACK_FILE` says which round the whole run
+    (server and clients) goes back to (`CheckpointStore.apply_rollback`) to redo the lost rounds."""
+
+
+ROLLBACK_FILE = "rollback.json"
 
 
 def load_plain(storage: RunStorage, rel: str) -> Any:
@@ -86,9 +105,10 @@ class CheckpointStore:
     keep: how many past rounds of files to keep per owner (>= 2 so one fallback remains).
     """
 
-    def __init__(self, location: str | Path | RunStorage, keep: int = 2) -> None:
+    def __init__(self, location: str | Path | RunStorage, keep: int = 2, run_id: str | None = None) -> None:
         self.storage = location if isinstance(location, RunStorage) else RunStorage(location)
         self.keep = max(keep, 2)
+        self.run_id = run_id  # recorded in every client state and checked on load (None: not checked)
 
     @property
     def directory(self) -> str:
@@ -113,13 +133,85 @@ class CheckpointStore:
 
     def save_client(self, client_id: int, rnd: int, state: dict[str, Any]) -> None:
         folder = f"clients/{client_id}"
-        self.storage.save_torch(f"{folder}/round_{rnd}.pt", {"round": rnd, **state})
+        self.storage.save_torch(f"{folder}/round_{rnd}.pt",
+                                {"round": rnd, "client_id": client_id, "run_id": self.run_id, **state})
         self._prune(folder)
 
     def load_client(self, client_id: int, max_round: int) -> dict[str, Any] | None:
-        """The client's newest state saved in a round <= max_round, or None."""
-        folder = f"clients/{client_id}"
-        return _load_newest(self.storage, folder, [r for r in self._rounds(folder) if r <= max_round])
+        """The client's newest state saved in a round <= max_round, or None.
+
+        A newest state that is unreadable or not this client's of that round in this run is moved aside
+        and raises ClientStateRollback (the run goes back to the round before it) or ClientStateDamaged.
+        """
+        rounds = [r for r in self._rounds(f"clients/{client_id}") if r <= max_round]
+        if not rounds:
+            return None
+        rel = f"clients/{client_id}/round_{rounds[-1]}.pt"
+        try:
+            state = load_plain(self.storage, rel)
+            problem = self._foreign(state, client_id, rounds[-1])
+        except UnreadableCheckpoint as err:
+            state, problem = None, str(err)
+        if problem is None:
+            return state
+        self.storage.write_bytes(rel + ".unreadable", self.storage.read_bytes(rel))
+        self.storage.delete(rel)
+        self._roll_back(f"{problem}; moved aside to {self.storage.display(rel)}.unreadable", rounds[-1] - 1)
+
+    def _foreign(self, state: Any, client_id: int, rnd: int) -> str | None:
+        """Why a loaded client state is not client `client_id`'s state of round `rnd` in this run (None: it is).
+        States written before identities were recorded carry no client or run id: only their round is checked."""
+        if not isinstance(state, dict) or "personal" not in state:
+            return f"client state {self.storage.display(f'clients/{client_id}/round_{rnd}.pt')} is not a client state"
+        where = f"client state {self.storage.display(f'clients/{client_id}/round_{rnd}.pt')}"
+        if state.get("client_id", client_id) != client_id:
+            return f"{where} belongs to client {state['client_id']}"
+        if state.get("round") != rnd:
+            return f"{where} holds round {state.get('round')}"
+        if self.run_id is not None and state.get("run_id", self.run_id) != self.run_id:
+            return f"{where} belongs to another run ({state['run_id']}, this run is {self.run_id})"
+        return None
+
+    def _roll_back(self, problem: str, to_round: int) -> None:
+        """Record that the run must go back to server round `to_round` and raise ClientStateRollback, or
+        raise ClientStateDamaged when that round's server checkpoint is no longer kept."""
+        kept = self._rounds("server")
+        if to_round not in kept:
+            have = f"round{'s' if len(kept) > 1 else ''} {', '.join(map(str, kept))}" if kept else "no round"
+            raise ClientStateDamaged(
+                f"{problem}; the run cannot redo it from server round {to_round} (the store keeps {have}): "
+                f"restore the file from a backup, or start a new run (--overwrite)")
+        self.storage.write_text(ROLLBACK_FILE, json.dumps({"round": to_round, "reason": problem}))
+        raise ClientStateRollback(f"{problem}; the run goes back to round {to_round} and redoes the rounds after it")
+
+    def completed_round(self) -> int:
+        """The last round the run has completed (newest server checkpoint, or a pending rollback's
+        round), from file names only; -1 when none."""
+        rounds = self._rounds("server")
+        try:
+            pending = int(json.loads(self.storage.read_text(ROLLBACK_FILE))["round"])
+            rounds = [r for r in rounds if r <= pending]
+        except (FileNotFoundError, ValueError, KeyError, TypeError):
+            pass
+        return rounds[-1] if rounds else -1
+
+    def apply_rollback(self) -> int | None:
+        """Carry out a recorded rollback: server checkpoints newer than its round are deleted (client
+        states newer than it are ignored by load_client and overwritten when redone). Returns the round
+        the run continues after, or None when none was recorded."""
+        try:
+            to_round = int(json.loads(self.storage.read_text(ROLLBACK_FILE))["round"])
+        except FileNotFoundError:
+            return None
+        except (ValueError, KeyError, TypeError) as err:
+            raise ClientStateDamaged(f"{self.storage.display(ROLLBACK_FILE)} cannot be read ({err}): delete it and "
+                                     f"resume again") from None
+        for r in self._rounds("server"):
+            if r > to_round:
+                self.storage.delete(f"server/round_{r}.pt")
+        self.storage.delete(ROLLBACK_FILE)
+        log.warning("rolled the run back to round %d (a client state was damaged or foreign)", to_round)
+        return to_round
 
     def client_ids(self) -> list[int]:
         """Clients with a folder of saved states."""

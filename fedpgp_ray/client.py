@@ -289,23 +289,34 @@ class ClientWorker:
         if cached is not None and state_round is not None and cached.round != state_round and self.store:
             del self.states[client_id]
         if client_id not in self.states:
-            saved = self.store.load_client(client_id, before_round - 1) if self.store else None
-            if saved is not None:
-                self.states[client_id] = ClientState(saved["personal"], saved.get("optimizer"), saved["round"])
-            else:
-                if self.store is not None and self.store.trained_before(client_id, before_round):
-                    where = self.store.storage.display(f"clients/{client_id}")
-                    if not self.cfg.runtime.allow_state_reinit:
-                        raise MissingClientState(
-                            f"client {client_id} trained before round {before_round} but its personal state "
-                            f"is not in {where}: restore the run directory (or use storage all nodes share), "
-                            f"or set runtime.allow_state_reinit=true to start it again from a fresh init")
-                    log.warning("client %d: no saved personal state in %s; re-initialised "
-                                "(runtime.allow_state_reinit)", client_id, where)
-                    self.reinits.add(client_id)
-                gen = seeded_generator(self.cfg.seed, PERSONAL_INIT, client_id)
-                self.states[client_id] = ClientState(self.algorithm.init_personal(self.encoders.width, gen))
+            # evaluate() runs under inference mode; a state restored (or initialised) there would hold
+            # inference tensors, and the client's next fit could not update its SGD momentum in place
+            with torch.inference_mode(False):
+                self.states[client_id] = self._restore(client_id, before_round)
         return self.states[client_id]
+
+    def forget_states(self) -> None:
+        """Drop every client state held in memory (the run rolled back: states are restored from the store)."""
+        self.states.clear()
+        self.reinits.clear()
+
+    def _restore(self, client_id: int, before_round: int) -> ClientState:
+        """The client's saved state, else a fresh seeded init (see `state`)."""
+        saved = self.store.load_client(client_id, before_round - 1) if self.store else None
+        if saved is not None:
+            return ClientState(saved["personal"], saved.get("optimizer"), saved["round"])
+        if self.store is not None and self.store.trained_before(client_id, before_round):
+            where = self.store.storage.display(f"clients/{client_id}")
+            if not self.cfg.runtime.allow_state_reinit:
+                raise MissingClientState(
+                    f"client {client_id} trained before round {before_round} but its personal state "
+                    f"is not in {where}: restore the run directory (or use storage all nodes share), "
+                    f"or set runtime.allow_state_reinit=true to start it again from a fresh init")
+            log.warning("client %d: no saved personal state in %s; re-initialised "
+                        "(runtime.allow_state_reinit)", client_id, where)
+            self.reinits.add(client_id)
+        gen = seeded_generator(self.cfg.seed, PERSONAL_INIT, client_id)
+        return ClientState(self.algorithm.init_personal(self.encoders.width, gen))
 
     # -- fit ----------------------------------------------------------------------------------------
     def fit(self, client_id: int, rnd: int, global_params: Params, state_round: int | None = None) -> FitResult:

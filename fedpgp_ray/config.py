@@ -256,10 +256,13 @@ class FederationConfig:
 
     num_clients: K. client_fraction: share of clients sampled per round, in (0, 1].
     min_reporting_clients: a round with fewer reporting clients fails loudly.
+    allow_dropped_clients: a run in which the runtime dropped a client (it failed every attempt) still
+        exits 0; by default such a run finishes, writes its results and exits 3 naming the clients.
     """
     num_clients: int = _f(10, lo=1)
     client_fraction: float = _f(1.0, lo=0.0, hi=1.0, lo_open=True)
     min_reporting_clients: int = _f(1, lo=1)
+    allow_dropped_clients: bool = _f(False)
 
 
 @dataclass

@@ -10,7 +10,7 @@ from typing import Any, Protocol
 from fedpgp_ray import privacy
 from fedpgp_ray.secagg import ddp
 from fedpgp_ray.algorithms import Params, build_algorithm
-from fedpgp_ray.checkpoint import CheckpointStore
+from fedpgp_ray.checkpoint import CheckpointStore, ClientStateRollback
 from fedpgp_ray.client_results import accuracy_summary, listed
 from fedpgp_ray.config import ExperimentConfig, config_to_dict
 from fedpgp_ray.runtime.base import Runtime
@@ -30,10 +30,15 @@ METRIC_NAMES = {
 
 @dataclass
 class RoundReport:
-    """One round: aggregate metrics and per-client metrics (round 0 = before training)."""
+    """One round: aggregate metrics and per-client metrics (round 0 = before training).
+
+    dropped: clients the runtime gave up on in this round (failed every attempt), and why: their
+    upload or accuracy is missing from the round's aggregates.
+    """
     round: int
     metrics: dict[str, float]
     clients: dict[int, dict[str, float]] = field(default_factory=dict)
+    dropped: dict[int, str] = field(default_factory=dict)
 
 
 class RoundListener(Protocol):
@@ -66,39 +71,24 @@ def run_federation(cfg: ExperimentConfig, runtime: Runtime, store: CheckpointSto
         log.warning("%s", strategy.stop_message)
     server = runtime.make_server(strategy, store, resume)
     began = time.perf_counter()
-    for rnd in range(server.start_round(), strategy.num_rounds + 1):
-        tick = time.perf_counter()
-        metrics: dict[str, float] = {}
-        clients: dict[int, dict[str, float]] = {}
-        global_params = server.global_params()
-        if rnd > 0:
-            sampled = strategy.configure_train(rnd)
-            if strategy.secagg_skips(sampled, global_params):
-                results, failures = [], []  # too few sampled clients to hide one: no update (no one trains)
-            else:
-                results, failures = runtime.fit(rnd, sampled, global_params)
-                metrics["fit_phase_seconds"] = time.perf_counter() - tick
-                if strategy.secagg is not None and global_params:
-                    secure_aggregation(rnd, server, runtime, [r.client_id for r in results])
-            metrics.update(clients_sampled=float(len(sampled)), **server.aggregate_train(rnd, results, failures))
-            for r in ([] if strategy.private_ids else results):  # DP / SecAgg: who took part stays unrecorded
-                clients[r.client_id] = {f"train_{k}": v for k, v in r.metrics.items()}
-            metrics["state_reinits"] = float(sum(r.metrics.get("state_reinit", 0.0) for r in results))
-            global_params = server.global_params()
-        eval_ids = strategy.configure_evaluate(rnd)
-        if eval_ids is not None:
-            began_eval = time.perf_counter()
-            eval_results, _ = runtime.evaluate(rnd, eval_ids, global_params)
-            metrics["evaluate_phase_seconds"] = time.perf_counter() - began_eval
-            metrics.update(server.aggregate_evaluate(rnd, eval_results))
-            for r in eval_results:
-                clients.setdefault(r.client_id, {}).update(r.metrics)
-        metrics["round_seconds"] = time.perf_counter() - tick
-        report = RoundReport(rnd, metrics, clients)
-        server.finish_round(rnd, asdict(report))
+    rnd = server.start_round()
+    while rnd <= strategy.num_rounds:
+        try:
+            report, global_params = play_round(rnd, strategy, runtime, server)
+        except ClientStateRollback as err:
+            # a damaged or foreign client state: server and clients go back to the round before it together
+            if store is None or store.apply_rollback() is None:
+                raise
+            log.warning("%s", err)
+            runtime.forget_states()
+            server = runtime.make_server(strategy, store, True)
+            rnd = server.start_round()
+            continue
         for listener in listeners:
             listener.on_round(report, global_params)
-    history = [RoundReport(h["round"], h["metrics"], h["clients"]) for h in server.get_history()]
+        rnd += 1
+    history = [RoundReport(h["round"], h["metrics"], h["clients"], h.get("dropped", {}))
+               for h in server.get_history()]
     return results_document(cfg, history, time.perf_counter() - began, runtime.dataset_manifest())
 
 
@@ -108,6 +98,51 @@ def secure_aggregation(rnd: int, server: Any, runtime: Runtime, clients: list[in
     requests = server.secagg_start(rnd, clients)
     for stage in SECAGG_STAGES:
         requests = server.secagg_step(stage, runtime.secagg_exchange(rnd, stage, requests))
+
+
+def play_round(rnd: int, strategy: FedAvgStrategy, runtime: Runtime, server: Any) -> tuple[RoundReport, Params]:
+    """Round `rnd`: train the sampled clients, aggregate, evaluate when due, checkpoint; its report."""
+    tick = time.perf_counter()
+    metrics: dict[str, float] = {}
+    clients: dict[int, dict[str, float]] = {}
+    dropped: dict[int, str] = {}
+    fit_dropped = 0
+    global_params = server.global_params()
+    if rnd > 0:
+        sampled = strategy.configure_train(rnd)
+        if strategy.secagg_skips(sampled, global_params):
+            results, failures = [], []  # too few sampled clients to hide one: no update (no one trains)
+        else:
+            results, failures = runtime.fit(rnd, sampled, global_params)
+            metrics["fit_phase_seconds"] = time.perf_counter() - tick
+            if strategy.secagg is not None and global_params:
+                secure_aggregation(rnd, server, runtime, [r.client_id for r in results])
+        metrics.update(clients_sampled=float(len(sampled)), **server.aggregate_train(rnd, results, failures))
+        fit_dropped = len(failures)
+        if not strategy.private_ids:  # DP / SecAgg: who took part (or dropped out) stays unrecorded
+            dropped.update({f.client_id: f"fit: {f.reason}" for f in failures})
+        for r in ([] if strategy.private_ids else results):
+            clients[r.client_id] = {f"train_{k}": v for k, v in r.metrics.items()}
+        metrics["state_reinits"] = float(sum(r.metrics.get("state_reinit", 0.0) for r in results))
+        global_params = server.global_params()
+    eval_ids = strategy.configure_evaluate(rnd)
+    if eval_ids is not None:
+        began_eval = time.perf_counter()
+        eval_results, eval_failures = runtime.evaluate(rnd, eval_ids, global_params)
+        metrics["evaluate_phase_seconds"] = time.perf_counter() - began_eval
+        metrics.update(server.aggregate_evaluate(rnd, eval_results))
+        for r in eval_results:
+            clients.setdefault(r.client_id, {}).update(r.metrics)
+        for f in eval_failures:
+            dropped.setdefault(f.client_id, f"evaluate: {f.reason}")
+    # a dropped client is loud: a round metric, a per-client flag (MLflow: client/<id>/dropped), its reason
+    metrics["clients_dropped"] = float(max(len(dropped), fit_dropped))
+    for cid in dropped:
+        clients.setdefault(cid, {})["dropped"] = 1.0
+    metrics["round_seconds"] = time.perf_counter() - tick
+    report = RoundReport(rnd, metrics, clients, dropped)
+    server.finish_round(rnd, asdict(report))
+    return report, global_params
 
 
 def results_document(cfg: ExperimentConfig, history: list[RoundReport], wall_seconds: float,
@@ -130,10 +165,17 @@ def results_document(cfg: ExperimentConfig, history: list[RoundReport], wall_sec
                     "clients": {str(c): clean(m) for c, m in listed(h.clients).items()},
                     **({"clients_total": len(h.clients)} if len(h.clients) > len(listed(h.clients)) else {})}
                    for h in history],
+        "rounds_done": max(h.round for h in history),
+        "dropped_clients": dropped_clients(history),
         "wall_seconds": wall_seconds,
         "dataset_manifest": dataset_manifest,
         **({"privacy": privacy_summary(cfg, max(h.round for h in history))} if privacy_applies(cfg) else {}),
     }
+
+
+def dropped_clients(history: list[RoundReport]) -> list[dict[str, Any]]:
+    """Every (round, client) the runtime dropped, with the reason, oldest first."""
+    return [{"round": h.round, "client": cid, "reason": why} for h in history for cid, why in sorted(h.dropped.items())]
 
 
 def privacy_applies(cfg: ExperimentConfig) -> bool:

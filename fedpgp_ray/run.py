@@ -28,6 +28,7 @@ if TYPE_CHECKING:  # torch-backed modules are imported when a run starts, so `--
 
 
 RESULTS_FILE = "results.json"
+DROPPED_EXIT = 3  # the run finished, but without some clients (federation.allow_dropped_clients: false)
 
 
 def feature_cache_dir(cfg: ExperimentConfig | None = None) -> str | None:
@@ -59,10 +60,19 @@ class ProgressBar:
             if key in m:
                 shown[key] = f"{m[key]:.1f}"
         self.bar.set_postfix(shown)
+        if report.dropped:
+            self.bar.write(f"round {report.round}: {dropped_text(report.dropped)}", file=sys.stderr)
         self.bar.update(1)
 
     def close(self) -> None:
         self.bar.close()
+
+
+def dropped_text(dropped: dict[int, str]) -> str:
+    """`DROPPED client 3 (fit: ...)`, for a round line: a dropped client is never silent."""
+    first, *rest = sorted(dropped)
+    more = f" and {len(rest)} more: {', '.join(map(str, rest[:9]))}{' ...' if len(rest) > 9 else ''}" if rest else ""
+    return f"DROPPED client {first} ({dropped[first]}){more}"
 
 
 class PlainProgress:
@@ -78,6 +88,8 @@ class PlainProgress:
         parts = [f"loss {m['train_loss']:.3f}"] if "train_loss" in m else []
         parts += [f"{key} {m[key]:.1f}" for key in ("local", "base", "novel") if key in m]
         parts.append(f"{m.get('round_seconds', float('nan')):.2f} s")
+        if report.dropped:
+            parts.append(dropped_text(report.dropped))
         print(f"{self.label} round {report.round}/{self.last}: {', '.join(parts)}", flush=True)
 
     def close(self) -> None:
@@ -96,19 +108,21 @@ def run_experiment(cfg: ExperimentConfig, resume: bool = False, progress: bool =
     (not writable, another run in it, a resume that changes the experiment) changes nothing there.
     overwrite: replace a run already in the directory.
     """
-    with RunDir.open(cfg, resume, overwrite):
-        return _run_in_dir(cfg, resume, progress, listeners)
+    with RunDir.open(cfg, resume, overwrite) as run_dir:
+        return _run_in_dir(cfg, resume, progress, listeners, run_dir.run_id)
 
 
-def _run_in_dir(cfg: ExperimentConfig, resume: bool, progress: bool, listeners: list[RoundListener]
-                ) -> dict[str, Any]:
+def _run_in_dir(cfg: ExperimentConfig, resume: bool, progress: bool, listeners: list[RoundListener],
+                run_id: str | None = None) -> dict[str, Any]:
     from fedpgp_ray.checkpoint import CheckpointStore
     from fedpgp_ray.federation import num_rounds, run_federation
     from fedpgp_ray.runtime import build_runtime
     from fedpgp_ray.runtime.base import status
 
     storage = RunStorage(cfg.output_dir)
-    store = CheckpointStore(storage.child("checkpoints"))
+    store = CheckpointStore(storage.child("checkpoints"), run_id=run_id)
+    if resume:  # a rollback recorded by a run that stopped on a damaged client state
+        store.apply_rollback()
     saved = store.latest_server() if resume else None
     start = saved["round"] + 1 if saved else 0
     if resume:  # a resume starts the runtime before its first round: say what is coming
@@ -181,18 +195,36 @@ def format_table(results: list[dict[str, Any]]) -> str:
     cols = ("local", "base", "novel", "hm3", "hm2")
     fmt = lambda v: "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.2f}"
     private = any("privacy" in doc for doc in results)  # DP runs: one more column, epsilon at delta
+    dropping = any(doc.get("dropped_clients") for doc in results)  # runs that dropped clients: a DROPPED column
     eps = lambda doc: "-" if "privacy" not in doc else (
         "inf" if doc["privacy"]["epsilon"] is None else f"{doc['privacy']['epsilon']:.2f}")
-    lines = [f"{'algorithm':<12}" + "".join(f"{c.upper():>9}" for c in cols) + (f"{'EPSILON':>9}" if private else "")]
+    lines = [f"{'algorithm':<12}" + "".join(f"{c.upper():>9}" for c in cols) + (f"{'EPSILON':>9}" if private else "")
+             + (f"{'DROPPED':>9}" if dropping else "")]
     for doc in results:
         lines.append(f"{doc['algorithm']:<12}" + "".join(f"{fmt(doc['final'].get(c)):>9}" for c in cols)
-                     + (f"{eps(doc):>9}" if private else ""))
+                     + (f"{eps(doc):>9}" if private else "")
+                     + (f"{len(doc.get('dropped_clients', [])):>9}" if dropping else ""))
     lines.append("HM3 = harmonic mean of (Local, Base, Novel); HM2 = harmonic mean of (Base, Novel)")
     if private:
         deltas = sorted({doc["privacy"]["delta"] for doc in results if "privacy" in doc})
         lines.append(f"EPSILON = client-level (epsilon, delta={', '.join(f'{d:g}' for d in deltas)})-DP of the "
                      f"global prompt (docs/PRIVACY.md)")
+    if dropping:
+        lines.append("DROPPED = (round, client) pairs the runtime gave up on: their results are missing from the "
+                     "averages (results.json: dropped_clients)")
     return "\n".join(lines)
+
+
+def dropped_error(doc: dict[str, Any], cfg: ExperimentConfig) -> str | None:
+    """The one line that ends a run which dropped clients (None: it dropped none, or the config allows it)."""
+    drops = doc.get("dropped_clients", [])
+    if not drops or cfg.federation.allow_dropped_clients:
+        return None
+    named = "; ".join(f"round {d['round']} client {d['client']} ({d['reason']})" for d in drops[:3])
+    more = f"; and {len(drops) - 3} more" if len(drops) > 3 else ""
+    return (f"{doc['algorithm']} dropped {len(drops)} client turn(s) that failed every attempt: {named}{more}; its "
+            f"results average over the clients that reported (results.json: dropped_clients). Find the cause in the "
+            f"log; set federation.allow_dropped_clients=true to accept runs that drop clients")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -254,7 +286,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"results: {RunStorage(c.output_dir).display(RESULTS_FILE)}")
     if args.output:
         write_text_atomic(Path(args.output), json.dumps(docs[0] if len(docs) == 1 else {"runs": docs}, indent=2))
-    return 0
+    errors = [e for doc, c in zip(docs, cfgs) if (e := dropped_error(doc, c))]
+    for line in errors:
+        print(f"error: {line}", file=sys.stderr)
+    return DROPPED_EXIT if errors else 0
 
 
 if __name__ == "__main__":

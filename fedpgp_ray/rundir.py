@@ -31,6 +31,7 @@ from typing import Any
 import yaml
 from filelock import FileLock, Timeout
 
+from fedpgp_ray.checkpoint import CheckpointStore
 from fedpgp_ray.config import (ConfigError, ExperimentConfig, config_from_dict, config_to_dict, flatten,
                                read_config_text)
 from fedpgp_ray.storage import RunStorage, StorageError
@@ -53,7 +54,7 @@ EARLIER_BEHAVIOUR = {"data.partition_seed": None, "data.local_test": "classes", 
 # Keys a resume may change: how far and how the run goes on, not what it computes. Every other key
 # (seed, model, data, partition, algorithm and its shapes, training and federation settings) would
 # mix two experiments in one run, or not fit the saved state.
-RESUME_SAFE = ("train.rounds", "evaluation.", "tracking.", "runtime.", "output_dir")
+RESUME_SAFE = ("train.rounds", "evaluation.", "tracking.", "runtime.", "output_dir", "federation.allow_dropped_clients")
 
 
 class RunDirError(ConfigError):
@@ -226,6 +227,10 @@ class RunDir:
                 problems.append(f"finds no {'; '.join(missing)} in its {CONFIG_FILE} (written by an earlier "
                                 f"version whose defaults may differ: add these keys to "
                                 f"{storage.display(CONFIG_FILE)} with the values that run used)")
+            done = CheckpointStore(storage.child("checkpoints")).completed_round()
+            if cfg.train.rounds < done:  # a resume continues a run; relabelling 8 done rounds as 3 would lie
+                problems.append(f"asks for train.rounds={cfg.train.rounds}, fewer than the {done} rounds the run "
+                                f"has done (a resume never truncates a run: ask for train.rounds >= {done})")
             if problems:
                 raise RunDirError(f"--resume {directory} {', and '.join(problems)}; or start a new run in "
                                   f"another output_dir")

@@ -120,6 +120,27 @@ def test_truncated_cache_file_is_logged_once_and_rebuilt(clip, tmp_path, caplog)
     assert torch.equal(cache.features("toy", "test", split, idx), feats) and cache.encoded_images == 6
 
 
+def test_entry_rewritten_with_its_own_key_but_other_tensors_is_rebuilt(clip, tmp_path, caplog):
+    split, idx = _split(), np.arange(6)
+    feats = ImageFeatureCache(clip, tmp_path).features("toy", "test", split, idx)
+    (path,) = tmp_path.glob("*.pt")
+    entry = torch.load(path, weights_only=True)
+    # same key, same shape, other features (another run's entry renamed, a tampered file): the checksum
+    # no longer matches
+    torch.save({**entry, "value": torch.flip(entry["value"], [0])}, path)
+    cache = ImageFeatureCache(clip, tmp_path)
+    with caplog.at_level(logging.WARNING, logger="fedpgp_ray.clip.features"):
+        again = cache.features("toy", "test", split, idx)
+    assert torch.equal(again, feats) and cache.encoded_images == 6
+    assert any("does not match its checksum" in r.message for r in caplog.records)
+    assert torch.equal(torch.load(path, weights_only=True)["value"], feats)  # the rebuilt entry is on disk
+    # an entry without a checksum is rebuilt (an earlier version's entries have other keys: the format
+    # version is a key field)
+    torch.save({k: v for k, v in entry.items() if k != "sha256"}, path)
+    cache = ImageFeatureCache(clip, tmp_path)
+    assert torch.equal(cache.features("toy", "test", split, idx), feats) and cache.encoded_images == 6
+
+
 def test_precision_and_weights_change_the_key(clip, tmp_path):
     request = FeatureRequest("toy", "test", _split(), np.arange(6))
     base = ImageFeatureCache(clip, tmp_path).key(request)

@@ -18,7 +18,9 @@ bytes for in-memory datasets). Anything that changes a feature changes the key.
 Entries live in `default_cache_dir()` (node-local; $FEDPGP_CACHE_DIR), as `<key>.pt` (the
 tensor) and `<key>.json` (what it holds, for `fedpgp-ray cache`). A file lock per entry lets
 one process encode it while the others wait and then read it. An unreadable, truncated or
-foreign file is logged once and rebuilt.
+foreign file is logged once and rebuilt. Each entry also stores the sha256 of its tensor (dtype,
+shape and bytes), checked on every read: an entry whose tensor was replaced under its own key is
+rebuilt too, never used (the check costs a few milliseconds per MiB; benchmarks/feature_cache.py).
 
 Algorithms that look at image regions (FedOTP) also need the projected patch tokens [n, P, D];
 `ImageFeatureCache.patch_tokens` caches them the same way (stored as float16: P times the pooled
@@ -50,7 +52,7 @@ from fedpgp_ray.progress import Progress
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2  # bump when the stored layout or the encoding procedure changes
+FORMAT_VERSION = 3  # bump when the stored layout or the encoding procedure changes (3: tensor checksum)
 CACHE_ENV = "FEDPGP_CACHE_DIR"
 TOKEN_DTYPE = torch.float16  # storage dtype of cached patch tokens (consumers upcast per batch)
 THREADS_ENV = "FEDPGP_ENCODING_THREADS"  # torch threads while encoding on CPU (default 1; 0 = the process's)
@@ -295,6 +297,8 @@ class ImageFeatureCache:
             rows = None if value is None else value.shape[-3 if fields["kind"] == "patch_tokens" else -2]
             if value is None or rows != fields["images"]:
                 raise ValueError("not an entry of this key")
+            if data.get("sha256") != tensor_sha256(value):
+                raise ValueError("its tensor does not match its checksum")
         except Exception as err:  # truncated, foreign or other-version files raise many types
             _warn_once(str(path), "feature cache: %s is unreadable or not this entry (%s: %s); rebuilding it",
                        path, type(err).__name__, str(err).splitlines()[0][:200] if str(err) else "")
@@ -320,7 +324,7 @@ class ImageFeatureCache:
         tag = f"{os.getpid()}.{time.monotonic_ns()}.tmp"
         tmp_pt, tmp_json = self.directory / f"{key}.pt.{tag}", self.directory / f"{key}.json.{tag}"
         try:
-            torch.save({"format": FORMAT_VERSION, "key": key, "value": value}, tmp_pt)
+            torch.save({"format": FORMAT_VERSION, "key": key, "value": value, "sha256": tensor_sha256(value)}, tmp_pt)
             os.replace(tmp_pt, self.directory / f"{key}.pt")
             about = {"key": key, "dataset": request.dataset, "split": request.split_name,
                      "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "fields": fields}
@@ -386,6 +390,13 @@ class ImageFeatureCache:
             return transform(image).unsqueeze(0)
         torch.manual_seed(_view_seed(request.seed, index))
         return torch.stack([transform(image) for _ in range(request.views)])
+
+
+def tensor_sha256(value: torch.Tensor) -> str:
+    """sha256 of a CPU tensor's dtype, shape and bytes (a cache entry's checksum)."""
+    digest = hashlib.sha256(f"{value.dtype}{tuple(value.shape)}".encode())
+    digest.update(value.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
 
 
 def _warn_once(what: str, message: str, *args: Any) -> None:

@@ -77,6 +77,10 @@ class Runtime(ABC):
         answered (a client that died or failed is absent: a dropout). See fedpgp_ray.secagg.protocol."""
         raise NotImplementedError(f"{type(self).__name__} does not run secure aggregation")
 
+    @abstractmethod
+    def forget_states(self) -> None:
+        """Drop the client states held in memory (after a rollback they are restored from the store)."""
+
     def dataset_manifest(self) -> dict | None:
         """What the clients loaded (ClientWorker.dataset_manifest), for results.json; None if unknown."""
         return None

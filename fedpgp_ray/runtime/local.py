@@ -29,6 +29,9 @@ class LocalRuntime(Runtime):
     def initial_global_params(self) -> Params:
         return self.worker.global_params()
 
+    def forget_states(self) -> None:
+        self.worker.forget_states()
+
     def fit(self, rnd: int, client_ids: list[int], global_params: Params
             ) -> tuple[list[FitResult], list[ClientFailure]]:
         return self._each(rnd, "fit", client_ids, lambda cid: self.worker.fit(cid, rnd, global_params)), []

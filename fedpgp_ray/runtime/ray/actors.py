@@ -135,6 +135,10 @@ class ClientActor:
             raise self.start_error
         return self.worker.secagg_batch(rnd, stage, requests)
 
+    def forget_states(self) -> None:
+        if self.start_error is None:
+            self.worker.forget_states()
+
     def ping(self, payload: Any = None) -> int:
         """A no-op task (measures Ray's per-task overhead)."""
         return 0

@@ -173,6 +173,10 @@ def dispatch(rt: ActorPool, method: str, rnd: int, client_ids: list[int], global
             now = time.monotonic()
             rt.slowest_task_s = max(rt.slowest_task_s, now - max(task.submitted, slot_free_at[task.slot]))
             slot_free_at[task.slot] = now
+            if rt.faults.kill_after(method, rnd, task.client_id):
+                log.warning("fault injection: killing the actor of slot %d after the %s of client %d",
+                            task.slot, method, task.client_id)
+                ray.kill(rt.actors[task.slot], no_restart=True)
         except RayActorError as err:
             # lose_actor drops every in-flight task of a replaced actor, so `task` is the current one's
             lose_actor(task.slot, [task], f"died during {method} of round {rnd}: {type(err).__name__}")

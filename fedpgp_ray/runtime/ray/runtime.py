@@ -193,6 +193,14 @@ class RayRuntime(Runtime):
                 raise unwrap(err) from None
         return out
 
+    def forget_states(self) -> None:
+        """Every actor drops its clients' states (after its queued tasks: an actor runs its tasks in order)."""
+        for actor in self.actors:
+            try:
+                ray.get(actor.forget_states.remote())
+            except RayActorError:  # dead: its replacement starts with empty memory anyway
+                pass
+
     def phase_metrics(self, phase: str) -> dict[str, float]:
         """Fault counters of the last `phase` ("fit" / "evaluate"), named for the round metrics."""
         counters = self._counters.get(phase, {})
