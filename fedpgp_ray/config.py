@@ -292,7 +292,9 @@ class RuntimeConfig:
     threads_per_worker: torch threads per worker (0: floor(num_cpus_per_actor), at least 1).
     address: Ray cluster to attach to (null: RAY_ADDRESS, a running cluster, or a new local one).
     max_client_retries: attempts for a client whose actor died, before it is dropped.
-    placement_timeout_s: fail start-up if the actors cannot be placed in this time.
+    placement_timeout_s: fail start-up (or the round, for an actor replacing one lost with its node) if
+        the actors cannot be placed in this time.
+    connect_timeout_s: fail start-up if nothing answers at `address` in this time.
     task_timeout_s: a client task running longer is treated as hung: its actor is killed and replaced,
         the client re-queued (counted as `tasks_timed_out`). null: max(600 s, 10 x the slowest task
         completed in the run) (see fedpgp_ray.runtime.ray.task_timeout).
@@ -309,6 +311,7 @@ class RuntimeConfig:
     address: str | None = _f(None)
     max_client_retries: int = _f(2, lo=0)
     placement_timeout_s: float = _f(60.0, lo=0.0, lo_open=True)
+    connect_timeout_s: float = _f(60.0, lo=0.0, lo_open=True)
     task_timeout_s: float | None = _f(None, lo=0.0, lo_open=True)
     threads_per_worker: int = _f(0, lo=0)
     allow_state_reinit: bool = _f(False)

@@ -14,16 +14,43 @@ only, so a Ray actor rebuilds the filesystem on its own node with its own creden
 from __future__ import annotations
 
 import io
+import logging
 import os
 import re
+import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 from fedpgp_ray.messages import one_line
 
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+://")
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+RETRY_ENV = "FEDPGP_STORAGE_RETRY_S"  # how long transient object-store errors are retried (seconds)
+DEFAULT_RETRY_S = 120.0
+# pyarrow's S3/GCS errors that mean "try again later": the endpoint unreachable, throttled or failing.
+# Anything else (no such bucket, access denied, bad credentials) fails at once.
+TRANSIENT = ("NETWORK_CONNECTION", "curlCode", "Couldn't connect", "Connection refused", "timed out", "Timeout",
+             "SLOW_DOWN", "SlowDown", "THROTTLING", "SERVICE_UNAVAILABLE", "ServiceUnavailable",
+             "INTERNAL_FAILURE", "InternalError", "REQUEST_TIMEOUT", "503", "500 ", "UNAVAILABLE",
+             "Connection reset")
+FIX = ("check that the run storage exists and is writable (object stores: bucket, endpoint and credentials)")
+
+
+def retry_seconds() -> float:
+    """The retry bound: $FEDPGP_STORAGE_RETRY_S, else 120 s (0: no retries)."""
+    try:
+        return max(float(os.environ.get(RETRY_ENV, DEFAULT_RETRY_S)), 0.0)
+    except ValueError:
+        raise StorageError(f"{RETRY_ENV}={os.environ[RETRY_ENV]!r} is not a number of seconds: set it to e.g. "
+                           f"120, or unset it") from None
+
+
+def is_transient(err: OSError) -> bool:
+    return not isinstance(err, FileNotFoundError) and any(mark in str(err) for mark in TRANSIENT)
 
 
 class StorageError(RuntimeError):
@@ -114,6 +141,29 @@ class RunStorage:
             return urlunsplit(parts._replace(query=""))
         return str(Path(self.location) / rel) if rel else self.location
 
+    def _retrying(self, what: str, action: Callable[[], T]) -> T:
+        """`action()`, retried with backoff (1, 2, 4 ... 15 s) while an object store answers with a transient
+        error, for at most retry_seconds(); then one StorageError line saying what to do."""
+        bound = retry_seconds() if not self.is_local else 0.0
+        began = time.monotonic()
+        delay = 1.0
+        while True:
+            try:
+                return action()
+            except OSError as err:
+                waited = time.monotonic() - began
+                if bound <= 0 or not is_transient(err) or waited >= bound:
+                    if bound > 0 and is_transient(err):
+                        raise StorageError(
+                            f"cannot {what} ({one_line(err)}): the run storage was unreachable for {waited:.0f} s "
+                            f"({RETRY_ENV}={bound:g}): once it answers again, continue with `fedpgp-ray run "
+                            f"--resume RUN_DIR` (completed rounds are checkpointed)") from None
+                    raise
+                if delay == 1.0:
+                    log.warning("run storage: cannot %s (%s); retrying for up to %.0f s", what, one_line(err), bound)
+                time.sleep(min(delay, max(bound - waited, 0.1)))
+                delay = min(delay * 2, 15.0)
+
     # -- files --------------------------------------------------------------------------------------
     def write_bytes(self, rel: str, data: bytes) -> None:
         """Write `data` to `rel` atomically (readers see the old file or the new one, never a part)."""
@@ -132,24 +182,27 @@ class RunStorage:
                     if os.path.exists(tmp):
                         os.unlink(tmp)
             else:
-                with fs.open_output_stream(path) as out:  # the object appears when the upload completes
-                    out.write(data)
+                def upload() -> None:
+                    with fs.open_output_stream(path) as out:  # the object appears when the upload completes
+                        out.write(data)
+                self._retrying(f"write {self.display(rel)}", upload)
         except OSError as err:
-            raise StorageError(f"cannot write {self.display(rel)} ({one_line(err)}): check that the run "
-                               f"storage exists and is writable (object stores: bucket and credentials)") from None
+            raise StorageError(f"cannot write {self.display(rel)} ({one_line(err)}): {FIX}") from None
 
     def read_bytes(self, rel: str) -> bytes:
         """The content of `rel`; FileNotFoundError when it does not exist."""
         fs, path = self._filesystem(), self._path(rel)
         if not self.exists(rel):
             raise FileNotFoundError(f"{self.display(rel)} does not exist")
-        try:
+        def download() -> bytes:
             with fs.open_input_stream(path) as src:
                 return src.read()
+        try:
+            return self._retrying(f"read {self.display(rel)}", download)
         except FileNotFoundError:
             raise
         except OSError as err:
-            raise StorageError(f"cannot read {self.display(rel)} ({one_line(err)})") from None
+            raise StorageError(f"cannot read {self.display(rel)} ({one_line(err)}): {FIX}") from None
 
     def write_text(self, rel: str, text: str) -> None:
         self.write_bytes(rel, text.encode("utf-8"))
@@ -160,31 +213,35 @@ class RunStorage:
     def exists(self, rel: str = "") -> bool:
         import pyarrow.fs as pafs
 
+        fs, path = self._filesystem(), self._path(rel)
         try:
-            return self._filesystem().get_file_info(self._path(rel)).type != pafs.FileType.NotFound
+            return self._retrying(f"reach {self.display(rel)}",
+                                  lambda: fs.get_file_info(path).type != pafs.FileType.NotFound)
         except OSError as err:
-            raise StorageError(f"cannot reach {self.display(rel)} ({one_line(err)})") from None
+            raise StorageError(f"cannot reach {self.display(rel)} ({one_line(err)}): {FIX}") from None
 
     def list(self, prefix: str = "") -> list[str]:
         """Names (not paths) of the files and folders directly under `prefix`, sorted; [] if none."""
         import pyarrow.fs as pafs
 
-        base = self._path(prefix)
+        fs, base = self._filesystem(), self._path(prefix)
         try:
-            infos = self._filesystem().get_file_info(pafs.FileSelector(base, allow_not_found=True))
+            infos = self._retrying(f"list {self.display(prefix)}",
+                                   lambda: fs.get_file_info(pafs.FileSelector(base, allow_not_found=True)))
         except OSError as err:
-            raise StorageError(f"cannot list {self.display(prefix)} ({one_line(err)})") from None
+            raise StorageError(f"cannot list {self.display(prefix)} ({one_line(err)}): {FIX}") from None
         return sorted(info.base_name for info in infos if not info.base_name.endswith(".tmp"))
 
     def delete(self, rel: str) -> None:
         """Delete the file `rel`; nothing happens if it is already gone."""
+        fs, path = self._filesystem(), self._path(rel)
         try:
-            self._filesystem().delete_file(self._path(rel))
+            self._retrying(f"delete {self.display(rel)}", lambda: fs.delete_file(path))
         except FileNotFoundError:
             pass
         except OSError as err:
             if self.exists(rel):
-                raise StorageError(f"cannot delete {self.display(rel)} ({one_line(err)})") from None
+                raise StorageError(f"cannot delete {self.display(rel)} ({one_line(err)}): {FIX}") from None
 
     def makedirs(self) -> None:
         """Create the directory itself (local paths; object stores have no directories to create)."""
@@ -192,7 +249,8 @@ class RunStorage:
             try:
                 self._filesystem().create_dir(self._path(""), recursive=True)
             except OSError as err:
-                raise StorageError(f"cannot create {self.display()} ({one_line(err)})") from None
+                raise StorageError(f"cannot create {self.display()} ({one_line(err)}): check that the parent "
+                                   f"directory exists and is writable, or choose another output_dir") from None
 
     # -- torch ---------------------------------------------------------------------------------------
     def save_torch(self, rel: str, obj: Any) -> None:

@@ -26,11 +26,9 @@ def start_ray_once(cfg: ExperimentConfig) -> bool:
     need = math.ceil(cfg.runtime.num_actors * cfg.runtime.num_cpus_per_actor)
     print(f"Ray: starting a local instance for all runs ({max(os.cpu_count() or 1, need)} CPUs; a few seconds)",
           file=sys.stderr, flush=True)
-    try:
-        ray.init(num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False)
-    except ValueError:  # a `ray start` cluster on this machine: let each run attach to it
-        return False
-    return True
+    from fedpgp_ray.runtime.ray.placement import start_local_ray
+
+    return start_local_ray(max(os.cpu_count() or 1, need))  # False: a `ray start` cluster each run attaches to
 
 
 @contextlib.contextmanager

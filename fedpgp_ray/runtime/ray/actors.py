@@ -102,7 +102,9 @@ class ClientActor:
         if self.start_error is not None:
             raise self.start_error
         rows = self.worker.prepare(client_ids)
+        cache = self.worker._cache.directory
         return {"pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(),
+                "node_ip": ray.util.get_node_ip_address(), "cache_dir": str(cache) if cache else None,
                 "device": str(self.worker.device), "gpu_ids": self.gpu_ids, "threads": self.threads,
                 "fallback": self.fallback, "feature_rows": rows, "encoded_images": self.worker.encoded_images,
                 "manifest": self.worker.dataset_manifest()}

@@ -10,20 +10,27 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import ray
-from ray.exceptions import RayActorError, RayError, RayTaskError
+from ray.exceptions import ActorUnavailableError, RayActorError, RayError, RayTaskError
 
 from fedpgp_ray.algorithms import Params
-from fedpgp_ray.config import RuntimeConfig
+from fedpgp_ray.config import ExperimentConfig, RuntimeConfig
 from fedpgp_ray.runtime.assign import balanced_slots
-from fedpgp_ray.runtime.base import RoundProgress
+from fedpgp_ray.runtime.base import RoundProgress, status
 from fedpgp_ray.runtime.ray.actors import unwrap
 from fedpgp_ray.runtime.ray.faults import FaultPlan
+from fedpgp_ray.runtime.ray.placement import PlacementError
 from fedpgp_ray.storage import StorageError
 from fedpgp_ray.strategy import ClientFailure
 
 log = logging.getLogger("fedpgp_ray.runtime.ray")
 
 PIPELINE_DEPTH = 2  # tasks in flight per actor: one running, one queued behind it (hides dispatch latency)
+# An actor whose node stops answering is first "unavailable" (ActorUnavailableError), then dead once Ray
+# declares its node dead (about 16 s after a raylet is killed here; Ray's health checks allow ~30 s).
+# Wait that long, probing, before declaring it dead, so one node loss counts once.
+UNAVAILABLE_WAIT_S = 90.0
+PROBE_EVERY_S = 2.0
+PLACEMENT_CHECK_S = 5.0  # how often a pending replacement's placement group is looked at
 MIN_TASK_TIMEOUT_S = 600.0   # automatic task timeout: never below this (first tasks have no measurement yet)
 TASK_TIMEOUT_FACTOR = 10.0   # ... and 10 x the slowest task completed so far in the run
 
@@ -54,7 +61,10 @@ class ActorPool(Protocol):
     slot gets a fresh actor, and run-wide state (the task sequence, the slowest task so far)."""
     actors: list[Any]
     num_actors: int
+    cfg: ExperimentConfig
     rc: RuntimeConfig
+    pg: Any
+    bundle: dict[str, float]
     faults: FaultPlan
     task_seq: int
     slowest_task_s: float
@@ -79,10 +89,14 @@ def dispatch(rt: ActorPool, method: str, rnd: int, client_ids: list[int], global
     counters = {"actor_restarts": 0.0, "client_retries": 0.0, "clients_failed": 0.0, "tasks_timed_out": 0.0}
     slot_free_at = {s: time.monotonic() for s in range(rt.num_actors)}  # when its last task ended
     starting: dict[Any, tuple[int, float]] = {}  # start-up (prepare) of replacement actors -> (slot, since)
+    placed: set[Any] = set()  # replacements whose placement group bundle is known to be placed
+    suspect: dict[int, tuple[float, list[_Task]]] = {}  # unavailable actors' slots -> (since, their failed tasks)
+    probes: dict[Any, int] = {}  # ping of an unavailable actor -> its slot
+    reprobe_at: dict[int, float] = {}  # slot -> when to ping its unavailable actor again
     progress = RoundProgress(rnd, method, len(client_ids))
 
     def submit(slot: int) -> None:
-        while queues[slot] and sum(t.slot == slot for t in inflight.values()) < PIPELINE_DEPTH:
+        while slot not in suspect and queues[slot] and sum(t.slot == slot for t in inflight.values()) < PIPELINE_DEPTH:
             cid = queues[slot].popleft()
             ref = getattr(rt.actors[slot], method).remote(cid, rnd, params_ref,
                                                           rt.faults.fault_for(method, rnd, cid, attempts[cid]),
@@ -109,9 +123,12 @@ def dispatch(rt: ActorPool, method: str, rnd: int, client_ids: list[int], global
         """The actor of `slot` is gone (died, or killed as hung). Its oldest unfinished task was the
         one running (an actor runs its tasks one at a time, in order): charge that client (unless
         the actor never got to run it: `was_running`); re-queue the rest free; a fresh actor takes the slot."""
-        lost = lost + [t for t in inflight.values() if t.slot == slot]
+        lost = lost + [t for t in inflight.values() if t.slot == slot] + suspect.pop(slot, (0.0, []))[1]
         for r in [r for r, t in inflight.items() if t.slot == slot]:
             del inflight[r]
+        for r in [r for r, s in probes.items() if s == slot]:
+            del probes[r]
+        reprobe_at.pop(slot, None)
         lost.sort(key=lambda t: t.seq)
         keep = [t.client_id for t in lost[1:]]
         if lost and (not was_running or charge(lost[0], reason)):
@@ -133,23 +150,94 @@ def dispatch(rt: ActorPool, method: str, rnd: int, client_ids: list[int], global
         oldest = min(tasks, key=lambda t: t.seq)
         return oldest, max(oldest.submitted, slot_free_at[slot])
 
+    def probe(slot: int) -> None:
+        reprobe_at.pop(slot, None)
+        probes[rt.actors[slot].ping.remote()] = slot
+
+    def probed(ref: Any) -> None:
+        """A ping of an unavailable actor answered: alive again (its failed tasks are re-queued free),
+        still unavailable (ping again soon, within UNAVAILABLE_WAIT_S), or dead (replaced, counted once)."""
+        slot = probes.pop(ref)
+        try:
+            ray.get(ref)
+        except ActorUnavailableError:
+            reprobe_at[slot] = time.monotonic() + PROBE_EVERY_S
+            return
+        except RayActorError as err:
+            lose_actor(slot, [], f"died during {method} of round {rnd} ({type(err).__name__}: its node or "
+                                 f"process was lost)")
+            submit(slot)
+            return
+        _, tasks = suspect.pop(slot)
+        queues[slot].extendleft(reversed([t.client_id for t in sorted(tasks, key=lambda t: t.seq)]))
+        log.warning("round %d: client actor %d answers again; re-queueing clients %s", rnd, slot,
+                    [t.client_id for t in tasks])
+        submit(slot)
+
+    def started(ref: Any) -> None:
+        """A replacement actor finished its start-up: say in one line if it had to encode images."""
+        slot, since = starting.pop(ref)
+        placed.discard(ref)
+        slot_free_at[slot] = time.monotonic()  # started (or died: its tasks will say so)
+        try:
+            info = ray.get(ref)
+        except RayError:
+            return
+        if info.get("encoded_images"):
+            status(f"round {rnd}: replacement client actor {slot} on node {info.get('node_ip', '?')} encoded "
+                   f"{info['encoded_images']} images in {time.monotonic() - since:.0f} s: that node's feature cache "
+                   f"({info.get('cache_dir') or 'none'}) lacked them; give every node the same FEDPGP_CACHE_DIR "
+                   f"on shared storage (or warm each node's cache: fedpgp-ray cache) so replacements start warm")
+
+    def check_placement(now: float) -> None:
+        """PlacementError (one line) when a replacement's bundle is still unplaced after
+        runtime.placement_timeout_s: a lost node and no spare capacity, which would otherwise stall for ever."""
+        late = [(ref, slot) for ref, (slot, since) in starting.items()
+                if ref not in placed and now - since > rt.rc.placement_timeout_s]
+        if not late:
+            return
+        state = ray.util.placement_group_table(rt.pg).get("state", "?")
+        if state == "CREATED":
+            placed.update(ref for ref, _ in late)
+            return
+        free = {k: ray.available_resources().get(k, 0) for k in rt.bundle}
+        have = {k: ray.cluster_resources().get(k, 0) for k in rt.bundle}
+        raise PlacementError(
+            f"round {rnd}: cannot place a replacement for client actor {late[0][1]} ({rt.bundle}) within "
+            f"runtime.placement_timeout_s={rt.rc.placement_timeout_s:g}s after losing its node: the Ray cluster "
+            f"has {have} ({free} free). Add a node or free resources, then continue with "
+            f"`fedpgp-ray run --resume {rt.cfg.output_dir}` (completed rounds are checkpointed), or lower "
+            f"runtime.num_actors / runtime.num_cpus_per_actor")
+
     for slot in range(rt.num_actors):
         submit(slot)
-    while inflight:
+    while inflight or suspect:
         limit = task_timeout(rt.rc.task_timeout_s, rt.slowest_task_s)
         # a replacement actor's start-up (process, backbone, features) is not a client task: it gets
         # at least the automatic floor, so a loaded node does not make every replacement "hang"
         startup_limit = max(limit, MIN_TASK_TIMEOUT_S)
         running = [r for r in map(running_since, range(rt.num_actors)) if r is not None]
         deadlines = [since + limit for _, since in running] + [since + startup_limit for _, since in starting.values()]
+        deadlines += [*reprobe_at.values(), *(since + UNAVAILABLE_WAIT_S for since, _ in suspect.values())]
+        deadlines += [since + rt.rc.placement_timeout_s + PLACEMENT_CHECK_S
+                      for ref, (_, since) in starting.items() if ref not in placed]
         wait_s = min(deadlines, default=time.monotonic() + 60.0) - time.monotonic()
-        ready, _ = ray.wait([*inflight, *starting], num_returns=1, timeout=min(max(wait_s, 0.0), 60.0))
+        ready, _ = ray.wait([*inflight, *starting, *probes], num_returns=1, timeout=min(max(wait_s, 0.0), 60.0))
         if ready and ready[0] in starting:
-            slot, _ = starting.pop(ready[0])
-            slot_free_at[slot] = time.monotonic()  # started (or died: its tasks will say so)
+            started(ready[0])
+            continue
+        if ready and ready[0] in probes:
+            probed(ready[0])
             continue
         if not ready:
             now = time.monotonic()
+            check_placement(now)
+            for slot in [s for s, at in reprobe_at.items() if at <= now]:
+                probe(slot)
+            for slot in [s for s, (since, _) in suspect.items() if now - since > UNAVAILABLE_WAIT_S]:
+                ray.kill(rt.actors[slot], no_restart=True)
+                lose_actor(slot, [], f"unreachable for {UNAVAILABLE_WAIT_S:.0f} s during {method} of round {rnd}")
+                submit(slot)
             hung = [(task.slot, f"{method} of client {task.client_id}", limit, True) for task, since in running
                     if now - since > limit]
             hung += [(slot, "its start-up", startup_limit, False) for slot, since in starting.values()
@@ -177,6 +265,14 @@ def dispatch(rt: ActorPool, method: str, rnd: int, client_ids: list[int], global
                 log.warning("fault injection: killing the actor of slot %d after the %s of client %d",
                             task.slot, method, task.client_id)
                 ray.kill(rt.actors[task.slot], no_restart=True)
+        except ActorUnavailableError:
+            # its node may be lost or only slow to answer: hold its tasks and probe it until it answers,
+            # dies (then replaced once, its running client charged once) or UNAVAILABLE_WAIT_S passes
+            if task.slot not in suspect:
+                suspect[task.slot] = (time.monotonic(), [])
+                probe(task.slot)
+            suspect[task.slot][1].append(task)
+            continue
         except RayActorError as err:
             # lose_actor drops every in-flight task of a replaced actor, so `task` is the current one's
             lose_actor(task.slot, [task], f"died during {method} of round {rnd}: {type(err).__name__}")

@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import math
 import os
+import socket
+import time
 import warnings
+from pathlib import Path
 
 import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
@@ -27,20 +30,72 @@ def connect(rc: RuntimeConfig, num_actors: int) -> bool:
     address = rc.address or os.environ.get("RAY_ADDRESS") or None
     if address:
         status(f"Ray: attaching to the cluster at {address}")
+        check_reachable(address, rc.connect_timeout_s)
         ray.init(address=address)  # attaching: never pass num_cpus/num_gpus
         return False
     need = math.ceil(num_actors * rc.num_cpus_per_actor)
     status(f"Ray: starting a local instance ({max(os.cpu_count() or 1, need)} CPUs; a few seconds)")
-    try:
-        # Starts a local instance, unless `ray start` left a cluster address on this machine,
-        # in which case Ray refuses num_cpus and we attach to that cluster instead.
-        ray.init(num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False)
+    if start_local_ray(max(os.cpu_count() or 1, need)):
         return True
+    ray.init()  # a `ray start` cluster on this machine: attach to it
+    return False
+
+
+def check_reachable(address: str, timeout_s: float) -> None:
+    """ConnectionError-free start: Ray retries an address where nothing listens for ever, so first wait (at
+    most `timeout_s`, runtime.connect_timeout_s) for its GCS port to accept a TCP connection; else one line."""
+    host, _, port = address.rpartition(":")
+    if "://" in address or not host or not port.isdigit():  # "auto", ray://..., a bare host: Ray's own rules
+        return
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+            return
+        except OSError as err:
+            if time.monotonic() >= deadline:
+                raise ConfigError(f"cannot reach the Ray cluster at {address} (runtime.address or RAY_ADDRESS) "
+                                  f"within runtime.connect_timeout_s={timeout_s:g}s ({err.strerror or err}): start "
+                                  f"the cluster (`ray start --head`), fix the address (host:port of its GCS, "
+                                  f"default port 6379), or leave it unset to start a local Ray") from None
+            time.sleep(1.0)
+
+
+LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": Ray's single-node mode, every port on 127.0.0.1
+
+
+def start_local_ray(num_cpus: int) -> bool:
+    """Start a local single-node Ray whose ports all listen on 127.0.0.1 only (Ray's single-node mode,
+    unless the user set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER); False (nothing started) when a `ray start`
+    cluster on this machine exists, which Ray then attaches to instead (it refuses num_cpus)."""
+    from ray._private import ray_constants
+
+    saved = os.environ.get(LOOPBACK_ENV), ray_constants.ENABLE_RAY_CLUSTER
+    if saved[0] is None:  # read by this process (node address) and by the GCS and raylet it starts
+        os.environ[LOOPBACK_ENV] = "0"
+        ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        ray.init(num_cpus=num_cpus, include_dashboard=False)
     except ValueError as err:
         if "num_cpus" not in str(err):
             raise
-        ray.init()
         return False
+    finally:  # the started processes keep it; a later attach from this process must not
+        if saved[0] is None:
+            os.environ.pop(LOOPBACK_ENV, None)
+            ray_constants.ENABLE_RAY_CLUSTER = saved[1]
+    protect_token_file()
+    return True
+
+
+def protect_token_file() -> None:
+    """Ray writes the token of a new local instance readable by everyone (0644): make it the user's only."""
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    try:
+        if path.is_file() and path.stat().st_uid == os.getuid() and path.stat().st_mode & 0o077:
+            path.chmod(0o600)
+    except OSError:  # not ours to change: leave it (docs/RAY.md says how)
+        pass
 
 
 def gpus_per_actor(cfg: ExperimentConfig) -> float:

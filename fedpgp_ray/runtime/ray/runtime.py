@@ -49,6 +49,7 @@ class RayRuntime(Runtime):
         self.actor_info: list[dict[str, Any]] = []
         self.server_actor = None
         self.pg = None
+        self.bundle: dict[str, float] = {}
         self._counters: dict[str, dict[str, float]] = {}
         self.task_seq = 0  # client tasks submitted in this run (orders an actor's tasks)
         self.slowest_task_s = 0.0  # the slowest client task completed in this run (automatic task timeout)
@@ -60,7 +61,8 @@ class RayRuntime(Runtime):
             # Every actor proves at start-up that it reads this marker (shared storage or a URI).
             self.marker = store.write_marker() if store is not None else None
             self.gpus = gpus_per_actor(cfg)
-            self.pg = place_actors(self.rc, self.num_actors, actor_bundle(self.rc, self.gpus))
+            self.bundle = actor_bundle(self.rc, self.gpus)
+            self.pg = place_actors(self.rc, self.num_actors, self.bundle)
             self._start_actors()
         except BaseException:
             self.close()
@@ -147,9 +149,12 @@ class RayRuntime(Runtime):
         return self.marker if same else None
 
     def _spawn_server(self) -> None:
+        # Hard affinity to the driver's node: with soft=True and a 0-CPU head, Ray passed the lease on to a
+        # worker node in 8 of 13 jobs, and losing that worker lost the server. The driver's node is the
+        # one node the run cannot survive losing anyway.
         node = ray.get_runtime_context().get_node_id()
         self.server_actor = RemoteServerActor.options(
-            num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node, soft=True)).remote()
+            num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node, soft=False)).remote()
 
     def fit(self, rnd: int, client_ids: list[int], global_params: Params
             ) -> tuple[list[FitResult], list[ClientFailure]]:
