@@ -37,7 +37,7 @@ TRANSIENT = ("NETWORK_CONNECTION", "curlCode", "Couldn't connect", "Connection r
              "SLOW_DOWN", "SlowDown", "THROTTLING", "SERVICE_UNAVAILABLE", "ServiceUnavailable",
              "INTERNAL_FAILURE", "InternalError", "REQUEST_TIMEOUT", "503", "500 ", "UNAVAILABLE",
              "Connection reset")
-FIX = ("check that the run storage exists and is writable (object stores: bucket, endpoint and credentials)")
+FIX = ("check that the run storage exists and is writable (object stores: bucket and credentials, endpoint)")
 
 
 def retry_seconds() -> float:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import TINY
-from s3_server import S3_ENV, make_bucket, moto_server, s3_uri
+from s3_server import S3_ENV, OutageProxy, make_bucket, moto_server, s3_uri
 from fedpgp_ray.checkpoint import CheckpointStore, UnreadableCheckpoint
 from fedpgp_ray.config import config_from_dict
 from fedpgp_ray.run import main as run_main, run_experiment
@@ -166,3 +166,30 @@ def test_missing_bucket_is_one_line(s3_endpoint, s3_env):
     with pytest.raises(StorageError, match=r"cannot write s3://no-such-bucket/x/a.bin \(.*bucket and credentials") as err:
         missing.write_bytes("a.bin", b"x")
     assert "\n" not in str(err.value)
+
+
+def test_an_object_store_outage_is_retried_within_the_bound_then_one_line(s3_endpoint, s3_env, monkeypatch):
+    """The endpoint refuses connections for a while (a TCP forwarder taken down: moto keeps its buckets)."""
+    import threading
+
+    proxy = OutageProxy(s3_endpoint)
+    proxy.up()
+    storage = RunStorage(s3_uri(proxy.endpoint, "runs", "outage"))
+    storage.write_text("a.txt", "1")
+    monkeypatch.setenv("FEDPGP_STORAGE_RETRY_S", "60")
+    proxy.down()
+    back = threading.Timer(4, proxy.up)
+    back.start()
+    storage.write_text("b.txt", "2")  # retried until the endpoint is back
+    back.join()
+    assert storage.list() == ["a.txt", "b.txt"]
+    monkeypatch.setenv("FEDPGP_STORAGE_RETRY_S", "2")
+    proxy.down()
+    with pytest.raises(StorageError) as caught:
+        storage.write_text("c.txt", "3")
+    message = str(caught.value)
+    assert "\n" not in message and message.startswith("cannot write s3://runs/outage/c.txt")
+    assert "FEDPGP_STORAGE_RETRY_S=2" in message and "--resume" in message
+    proxy.up()
+    assert storage.read_text("b.txt") == "2"
+    proxy.down()
