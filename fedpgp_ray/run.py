@@ -108,8 +108,28 @@ def run_experiment(cfg: ExperimentConfig, resume: bool = False, progress: bool =
     (not writable, another run in it, a resume that changes the experiment) changes nothing there.
     overwrite: replace a run already in the directory.
     """
-    with RunDir.open(cfg, resume, overwrite) as run_dir:
+    with RunDir.open(cfg, resume, overwrite, preflight=check_request) as run_dir:
         return _run_in_dir(cfg, resume, progress, listeners, run_dir.run_id)
+
+
+def check_request(cfg: ExperimentConfig) -> None:
+    """The checks of a request that need the model and data code, before its run directory is touched:
+    a typo in model.pretrained must not cost the run that --overwrite would replace (ConfigError, one line)."""
+    from fedpgp_ray.clip.backbone import resolve_pretrained
+    from fedpgp_ray.data.registry import available_datasets
+
+    resolve_pretrained(cfg.model.name, cfg.model.pretrained)
+    if cfg.data.dataset not in available_datasets():
+        raise ConfigError(f"unknown data.dataset '{cfg.data.dataset}': choose one of "
+                          f"{', '.join(available_datasets())}")
+    if cfg.data.root and not cfg.data.download and not Path(cfg.data.root).expanduser().is_dir():
+        raise ConfigError(f"data.root {Path(cfg.data.root).expanduser()} is not a folder: set data.root to the "
+                          f"folder holding the dataset (docs/DATASETS.md), or data.download: true")
+    if cfg.model.device == "cuda" and cfg.runtime.kind == "local":
+        import torch
+        if not torch.cuda.is_available():
+            raise ConfigError("model.device is 'cuda' but no CUDA device is visible to this process: set "
+                              "model.device: auto (CUDA when there is one) or cpu")
 
 
 def _run_in_dir(cfg: ExperimentConfig, resume: bool, progress: bool, listeners: list[RoundListener],

@@ -5,8 +5,10 @@ Opening a run directory, before any work:
 1. it must be writable (a probe file is written and removed), else `RunDirError`;
 2. a lock file (`filelock`, held for the whole run) makes a second run into the same directory
    refuse at once (local and shared paths; object stores have no lock: see `RunDir._lock`);
-3. a new run into a directory that holds another run refuses, unless `overwrite` (the old run's
-   files, `RUN_FILES` and `RUN_FOLDERS`, are removed; other files stay) or `resume`;
+3. a new run into a directory that holds another run (its `run.json` names a run id) refuses, unless
+   `overwrite` (the old run's files, `RUN_FILES` and `RUN_FOLDERS`, are removed; other files stay) or
+   `resume`; files a run writes (config.yaml, results.json, ...) present WITHOUT a run record are the
+   user's, so a new run refuses there even with `overwrite`;
 4. a resume request is compared with the saved config: keys that change state shapes or
    semantics are refused in one line listing every difference; the keys in `RESUME_SAFE` may
    change (logged); keys the saved config.yaml lacks (an earlier version wrote it, whose defaults
@@ -26,7 +28,7 @@ import shutil
 import tempfile
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 from filelock import FileLock, Timeout
@@ -41,8 +43,6 @@ log = logging.getLogger(__name__)
 CONFIG_FILE = "config.yaml"
 RECORD_FILE = "run.json"        # {"run_id", "created", "algorithm"}: who owns the directory
 LOCK_FILE = ".fedpgp-run.lock"  # held (flock) by the process running in the directory
-# Files that mark a directory as holding a run (a record-less one was written by an older version).
-RUN_MARKERS = (RECORD_FILE, CONFIG_FILE, "results.json", "checkpoints")
 # Everything a run writes in its directory (run.py, plots.py, tracking.py's run file, compare.py's
 # backbone record): `--overwrite` removes these and nothing else, since output_dir may be a folder that
 # holds other things (even `.`). The default MLflow store (mlflow.db) lives in the parent folder.
@@ -143,7 +143,14 @@ def read_saved_config(storage: RunStorage) -> dict[str, Any]:
 
 
 def holds_run(storage: RunStorage) -> bool:
-    return any(storage.exists(name) for name in RUN_MARKERS)
+    """Only a run record (run.json with a run id) makes a directory a run: a config.yaml or results.json
+    alone may be the user's own file (output_dir: . in a project folder)."""
+    return bool(read_record(storage).get("run_id"))
+
+
+def unclaimed_run_files(storage: RunStorage) -> list[str]:
+    """Names a run writes that are present without a run record: not ours to overwrite or delete."""
+    return [name for name in (*RUN_FILES, *RUN_FOLDERS) if name != RECORD_FILE and storage.exists(name)]
 
 
 def read_record(storage: RunStorage) -> dict[str, Any]:
@@ -166,11 +173,18 @@ class RunDir:
         self.changed = changed
 
     @classmethod
-    def open(cls, cfg: ExperimentConfig, resume: bool = False, overwrite: bool = False) -> "RunDir":
-        """Check, lock and claim cfg.output_dir for this run; RunDirError/ConfigError (one line) if not."""
+    def open(cls, cfg: ExperimentConfig, resume: bool = False, overwrite: bool = False,
+             preflight: Callable[[ExperimentConfig], None] | None = None) -> "RunDir":
+        """Check, lock and claim cfg.output_dir for this run; RunDirError/ConfigError (one line) if not.
+
+        preflight: the request's own checks (model, data, device), run before the directory is touched,
+        so a refused request never deletes (--overwrite) or claims anything.
+        """
         if resume and overwrite:
             raise RunDirError("--resume and --overwrite exclude each other: resume continues the run, "
                               "overwrite deletes it")
+        if preflight is not None:
+            preflight(cfg)
         storage = RunStorage(cfg.output_dir)
         check_storage_writable(storage)
         lock = cls._lock(storage)
@@ -244,6 +258,10 @@ class RunDir:
                     raise RunDirError(f"output_dir {directory} holds {who}: continue it with --resume {directory}, "
                                       f"replace it with --overwrite, or choose another output_dir")
                 clear(storage)
+            elif unclaimed := unclaimed_run_files(storage):
+                raise RunDirError(f"output_dir {directory} holds {', '.join(unclaimed)} but no run record "
+                                  f"({RECORD_FILE} with a run id), so they are not a fedpgp-ray run's files and a "
+                                  f"run would overwrite them: choose another output_dir, or move them away")
             run_id = uuid.uuid4().hex
         # Validated: from here on the directory is this run's.
         storage.write_text(CONFIG_FILE, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

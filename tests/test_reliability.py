@@ -131,6 +131,43 @@ def test_a_new_run_into_another_runs_directory_refuses_or_overwrites(finished_ru
     assert json.loads((out / "results.json").read_text())["config"]["train"]["rounds"] == 1
 
 
+def test_overwrite_never_touches_a_folder_without_a_run_record(tmp_path, capsys):
+    """output_dir: . in a project folder: the user's config.yaml and results.json are not a run."""
+    project = tmp_path / "project"
+    project.mkdir()
+    config = project / "config.yaml"
+    config.write_text(yaml.safe_dump({**TINY, "output_dir": str(project), "runtime": {"kind": "local"}}))
+    (project / "results.json").write_text('{"mine": 1}')
+    before = snapshot(project)
+    for extra in ([], ["--overwrite"]):
+        assert main(["--config", str(config), "--no-progress", *extra]) == 2
+        err = one_error_line(capsys)
+        assert "config.yaml, results.json but no run record (run.json with a run id)" in err, err
+        assert snapshot(project) == before
+
+
+def test_overwrite_validates_the_new_request_before_deleting_the_old_run(finished_run, capsys):
+    out, config = finished_run
+    before = snapshot(out)
+    capsys.readouterr()
+    assert main(["--config", str(config), "--set", "model.pretrained=fedpgp-wrold", "--overwrite",
+                 "--no-progress"]) == 2
+    assert "unknown pretrained tag 'fedpgp-wrold'" in one_error_line(capsys)
+    assert snapshot(out) == before  # the old run is intact
+    assert main(["--config", str(config), "--set", f"data.root={out / 'no-such-folder'}", "--overwrite",
+                 "--no-progress"]) == 2
+    assert "is not a folder" in one_error_line(capsys)
+    assert snapshot(out) == before
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the refusal is for machines without CUDA")
+def test_cuda_without_cuda_is_one_line_before_the_run_directory_exists(tmp_path, capsys):
+    config = write_config(tmp_path)
+    assert main(["--config", str(config), "--set", "model.device=cuda", "--no-progress"]) == 2
+    assert "model.device is 'cuda' but no CUDA device is visible" in one_error_line(capsys)
+    assert not (tmp_path / "run" / rundir.RECORD_FILE).exists()
+
+
 def test_a_second_concurrent_run_refuses_at_once(tmp_path, capsys):
     config = write_config(tmp_path)
     out = tmp_path / "run"
