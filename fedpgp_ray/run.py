@@ -11,8 +11,10 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
 import tempfile
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -109,7 +111,12 @@ def run_experiment(cfg: ExperimentConfig, resume: bool = False, progress: bool =
     overwrite: replace a run already in the directory.
     """
     with RunDir.open(cfg, resume, overwrite, preflight=check_request) as run_dir:
-        return _run_in_dir(cfg, resume, progress, listeners, run_dir.run_id)
+        try:
+            return _run_in_dir(cfg, resume, progress, listeners, run_dir.run_id)
+        except Exception:
+            if not resume:  # a failed start (no round checkpointed) claims nothing: the retry just works
+                run_dir.release_if_unstarted()
+            raise
 
 
 def check_request(cfg: ExperimentConfig) -> None:
@@ -160,8 +167,10 @@ def _run_in_dir(cfg: ExperimentConfig, resume: bool, progress: bool, listeners: 
                 results = run_federation(cfg, runtime, store, [*listeners, *extra, bar], resume)
             finally:
                 bar.close()
-    except BaseException:
+    except BaseException as err:
         for listener in extra:
+            if not isinstance(err, (KeyboardInterrupt, SystemExit)):  # those end KILLED (interrupted())
+                getattr(listener, "end", lambda status: None)("FAILED")
             getattr(listener, "close", lambda: None)()
         raise
     status(f"{cfg.algorithm.name}: writing results.json, tables and figures"
@@ -195,19 +204,32 @@ def write_report(storage: RunStorage, results: dict[str, Any]) -> None:
             storage.write_bytes(path.name, path.read_bytes())
 
 
-def interrupted(output_dir: str | None) -> None:
-    """Ctrl-C: say how to continue, run the exit hooks (bounded: tracking gives up after seconds), and
-    end the process at once; the interpreter's own teardown of torch, MLflow and Ray objects can take
-    tens of seconds on a loaded machine, and a user who pressed Ctrl-C is waiting for the prompt."""
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`ray job stop`, docker, systemd, Kubernetes): the same clean stop as Ctrl-C."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
+def interrupted(output_dir: str | None, exit_code: int = 130) -> None:
+    """Ctrl-C (exit 130) or SIGTERM (143): say how to continue, end the MLflow run KILLED, run the exit
+    hooks (bounded: tracking gives up after seconds), and end the process at once; the interpreter's own
+    teardown of torch, MLflow and Ray objects can take tens of seconds on a loaded machine, and whoever
+    stopped the run is waiting (`ray job stop` kills the process group a few seconds after SIGTERM)."""
     import atexit
 
+    from fedpgp_ray.tracking import end_unfinished
+
+    what = "terminated (SIGTERM)" if exit_code == 143 else "interrupted"
     where = f" --resume {output_dir}" if output_dir else " --resume <output_dir>"
-    print(f"interrupted: the completed rounds are checkpointed; continue with `fedpgp-ray run{where}`",
+    print(f"{what}: the completed rounds are checkpointed; continue with `fedpgp-ray run{where}`",
           file=sys.stderr)
+    end_unfinished("KILLED")
     atexit._run_exitfuncs()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(130)
+    os._exit(exit_code)
 
 
 def format_table(results: list[dict[str, Any]]) -> str:
@@ -266,6 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise_terminated)
     if args.no_progress:  # data phases (image checks, feature encoding) too: plain lines, no bars
         from fedpgp_ray.progress import set_progress
         set_progress("lines")
@@ -299,8 +323,12 @@ def main(argv: list[str] | None = None) -> int:
     except user_errors() as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        interrupted(args.resume or (cfgs[0].output_dir if cfgs else None))
+    except KeyboardInterrupt as err:
+        interrupted(args.resume or (cfgs[0].output_dir if cfgs else None), 143 if isinstance(err, Terminated) else 130)
+    except SystemExit as err:  # ray.init replaces our SIGTERM handler with one that calls sys.exit(15)
+        if err.code != signal.SIGTERM:
+            raise
+        interrupted(args.resume or (cfgs[0].output_dir if cfgs else None), 143)
     print(format_table(docs))
     for doc, c in zip(docs, cfgs):
         print(f"results: {RunStorage(c.output_dir).display(RESULTS_FILE)}")

@@ -258,6 +258,7 @@ class RunDir:
                     raise RunDirError(f"output_dir {directory} holds {who}: continue it with --resume {directory}, "
                                       f"replace it with --overwrite, or choose another output_dir")
                 clear(storage)
+                log.warning("--overwrite: removed the earlier run in %s", storage.display())
             elif unclaimed := unclaimed_run_files(storage):
                 raise RunDirError(f"output_dir {directory} holds {', '.join(unclaimed)} but no run record "
                                   f"({RECORD_FILE} with a run id), so they are not a fedpgp-ray run's files and a "
@@ -270,6 +271,13 @@ class RunDir:
                 {"run_id": run_id, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
                  "algorithm": cfg.algorithm.name}, indent=2) + "\n")
         return run_id, changed
+
+    def release_if_unstarted(self) -> None:
+        """Undo the claim of a new run that failed before its first checkpoint (round 0): remove what it
+        wrote (config.yaml, run.json, ...), so the corrected retry is not refused as 'holds run'."""
+        if CheckpointStore(self.storage.child("checkpoints")).completed_round() < 0:
+            clear(self.storage)
+            log.info("the run failed before its first checkpoint: removed its claim on %s", self.storage.display())
 
     def close(self) -> None:
         if self.lock is not None:
@@ -284,7 +292,7 @@ class RunDir:
 
 
 def clear(storage: RunStorage) -> None:
-    """`--overwrite`: remove the earlier run's files (RUN_FILES, RUN_FOLDERS) and nothing else."""
+    """Remove a run's files (RUN_FILES, RUN_FOLDERS) and nothing else (`--overwrite`, a failed start)."""
     local = storage.local_path()
     for name in RUN_FOLDERS:
         if local is None:
@@ -296,7 +304,6 @@ def clear(storage: RunStorage) -> None:
             (local / name).unlink()
     for name in RUN_FILES:
         storage.delete(name)
-    log.warning("--overwrite: removed the earlier run in %s", storage.display())
 
 
 def _delete_tree(storage: RunStorage, prefix: str) -> None:

@@ -315,6 +315,15 @@ class MlflowTracker:
         self.stop_system_metrics()
         self.writer.restore_settings()
 
+    def end(self, status: str) -> None:
+        """End an unfinished run with `status` (FAILED, KILLED) now, bounded by EXIT_WAIT_S."""
+        if self.finished:
+            return
+        self.finished = True
+        self.writer.submit(lambda: self.client.set_terminated(self.run_id, status))
+        with probe_settings():
+            self.flush(EXIT_WAIT_S)
+
     def stop_system_metrics(self) -> None:
         if self.system_monitor is not None:
             self.system_monitor.finish()
@@ -572,16 +581,18 @@ def _backfill(tracker: MlflowTracker) -> None:
 _unfinished: "weakref.WeakSet[MlflowTracker]" = weakref.WeakSet()
 
 
+def end_unfinished(status: str) -> None:
+    """Write what is queued and end every unfinished run with `status` (FAILED after an error, KILLED
+    after Ctrl-C or SIGTERM), within EXIT_WAIT_S per run; an unreachable store is left as it is
+    (`--resume` writes the rest), the process never lingers."""
+    for tracker in list(_unfinished):
+        tracker.end(status)
+
+
 @atexit.register
 def _fail_unfinished() -> None:
-    """At exit (a crash, Ctrl-C): write what is queued and mark the run FAILED, within EXIT_WAIT_S per
-    run; an unreachable store is left as it is (`--resume` writes the rest), the process never lingers."""
-    for tracker in list(_unfinished):
-        if not tracker.finished:
-            tracker.finished = True
-            tracker.writer.submit(lambda t=tracker: t.client.set_terminated(t.run_id, "FAILED"))
-            with probe_settings():
-                tracker.flush(EXIT_WAIT_S)
+    """At exit after an error or a crash: the runs that never reached on_end end FAILED."""
+    end_unfinished("FAILED")
 
 
 def mlflow_listeners(cfg: ExperimentConfig, resume: bool) -> list[MlflowTracker]:

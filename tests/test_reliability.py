@@ -454,3 +454,51 @@ def test_automatic_task_timeout_is_generous_and_follows_the_slowest_task():
     assert task_timeout(30.0, 240.0) == 30.0        # runtime.task_timeout_s wins
     with pytest.raises(ConfigError, match="task_timeout_s"):
         config_from_dict({}, ["runtime.task_timeout_s=0"])
+
+
+# -- SIGTERM is Ctrl-C; a failed start claims nothing ---------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["local", "ray"])
+def test_sigterm_stops_like_ctrl_c_and_ends_the_mlflow_run_killed(tmp_path, kind):
+    import signal
+
+    import mlflow
+
+    config = small_config_file(tmp_path, rounds=50)
+    store = f"sqlite:///{tmp_path}/mlflow.db"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store, "PYTHONUNBUFFERED": "1"}
+    run = subprocess.Popen([sys.executable, "-m", "fedpgp_ray.run", "--config", str(config), "--no-progress",
+                            "--set", f"runtime.kind={kind}", "--set", "runtime.num_actors=1"],
+                           env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           start_new_session=True)
+    try:
+        for line in run.stdout:
+            if " round 2/" in line:
+                break
+        run.send_signal(signal.SIGTERM)  # what `ray job stop`, docker, systemd and Kubernetes send
+        rest = run.stdout.read()
+        run.wait(timeout=120)
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+            run.wait()
+    assert run.returncode == 143, rest
+    assert (f"terminated (SIGTERM): the completed rounds are checkpointed; continue with `fedpgp-ray run "
+            f"--resume {tmp_path / 'run'}`") in rest
+    assert "Traceback" not in rest
+    run_id = json.loads((tmp_path / "run" / "mlflow_run.json").read_text())["run_id"]
+    assert mlflow.MlflowClient(store).get_run(run_id).info.status == "KILLED"
+
+
+def test_a_failed_start_claims_nothing_so_the_corrected_retry_runs(tmp_path, capsys):
+    empty_root = tmp_path / "caltech"
+    empty_root.mkdir()  # a folder, but not a dataset: found only when the runtime builds the data
+    config = write_config(tmp_path)
+    assert main(["--config", str(config), "--set", "data.dataset=caltech101", "--set", f"data.root={empty_root}",
+                 "--no-progress"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "caltech101: dataset folder not found" in errors[0], errors
+    leftovers = {p.name for p in (tmp_path / "run").iterdir()} - {rundir.LOCK_FILE} \
+        if (tmp_path / "run").exists() else set()
+    assert leftovers == set()  # no run.json, no config.yaml: nothing claims the directory
+    assert main(["--config", str(config), "--no-progress"]) == 0  # the corrected retry just works
