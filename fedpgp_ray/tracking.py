@@ -57,6 +57,7 @@ MAX_PARAM_LENGTH = 6000
 PROBE_TIMEOUT_S = 5.0
 END_WAIT_S = 15.0                   # at the end of a run: how long queued writes may take to land
 EXIT_WAIT_S = 3.0                   # at exit after a crash or Ctrl-C
+STORE_LOCK_TIMEOUT_S = 120.0        # first use of a SQLite store by concurrent runs: wait at most this long
 
 # MLFLOW_RUN_ID -> output_dir of the experiment of this process that logs into it. A second
 # experiment in the same process (`--algorithms a,b` under `mlflow run`) gets a child run.
@@ -495,6 +496,17 @@ def _get_run(client: Any, run_id: str, uri: str, origin: str) -> Any:
     return run
 
 
+def first_use_lock(uri: str) -> Any:
+    """A file lock beside a SQLite store for its first use by a run: runs started at once into a fresh
+    store otherwise race on MLflow's schema (`table latest_metrics already exists`) and on creating
+    the experiment. Other stores (servers) serialise this themselves."""
+    if not uri.startswith("sqlite:///"):
+        return contextlib.nullcontext()
+    from filelock import FileLock
+
+    return FileLock(f"{uri[len('sqlite:///'):].partition('?')[0]}.lock", timeout=STORE_LOCK_TIMEOUT_S)
+
+
 def start_tracker(cfg: ExperimentConfig, resume: bool = False) -> MlflowTracker:
     """Resolve store and run, check them, log params / tags / config, and return the listener.
 
@@ -508,9 +520,10 @@ def start_tracker(cfg: ExperimentConfig, resume: bool = False) -> MlflowTracker:
         check_sqlite_store(uri)
         from mlflow import MlflowClient
 
-        client = MlflowClient(tracking_uri=uri)
         with probe_settings():  # a server answering errors fails now, not after MLflow's minutes of retries
-            run, reused = _open_run(client, cfg, resume, saved, uri)
+            with first_use_lock(uri):
+                client = MlflowClient(tracking_uri=uri)
+                run, reused = _open_run(client, cfg, resume, saved, uri)
             run_id = run.info.run_id
             logged = {m.step for m in client.get_metric_history(run_id, STEP_MARKER)} if reused else set()
             _log_params_and_tags(client, run, cfg)

@@ -297,3 +297,42 @@ def test_mlflow_run_project_logs_every_round_and_the_artifacts(tmp_path):
     assert doc == json.loads((out / "results.json").read_text())
     assert yaml.safe_load((local / "config" / "config.yaml").read_text())["train"]["rounds"] == rounds
     assert "| all |" in (local / "results" / "results.md").read_text()
+
+
+RACER = """
+import os, sys, time
+from pathlib import Path
+from fedpgp_ray.config import config_from_dict
+from fedpgp_ray.tracking import start_tracker
+base = Path(sys.argv[1])
+cfg = config_from_dict({"output_dir": str(base / f"run{os.getpid()}"), "tracking": {"mlflow": True}})
+Path(cfg.output_dir).mkdir()
+(base / f"ready{os.getpid()}").touch()
+while not (base / "go").exists():
+    time.sleep(0.001)
+start_tracker(cfg).end("FINISHED")
+"""
+
+
+def test_first_runs_started_at_once_into_a_fresh_store_all_start(tmp_path):
+    """Without the store's first-use lock, 3 of 4 failed: `table latest_metrics already exists`."""
+    import mlflow
+
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
+    procs = [subprocess.Popen([sys.executable, "-c", RACER, str(tmp_path)], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for _ in range(4)]
+    try:
+        deadline = time.monotonic() + 240
+        while len(list(tmp_path.glob("ready*"))) < 4 and time.monotonic() < deadline \
+                and all(p.poll() is None for p in procs):
+            time.sleep(0.05)
+        (tmp_path / "go").touch()  # all four open the fresh store within milliseconds
+        outputs = [p.communicate(timeout=240)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert [p.returncode for p in procs] == [0, 0, 0, 0], outputs
+    runs = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"]).search_runs(
+        [e.experiment_id for e in mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"]).search_experiments()])
+    assert sorted(r.info.status for r in runs) == ["FINISHED"] * 4
