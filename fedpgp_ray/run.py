@@ -315,6 +315,9 @@ def main(argv: list[str] | None = None) -> int:
                 dataclasses.replace(cfg, algorithm=dataclasses.replace(cfg.algorithm, name=name),
                                     output_dir=join_location(cfg.output_dir, name)) for name in names]
         if args.output:
+            if Path(args.output).is_dir():
+                raise ConfigError(f"--output {args.output} is a directory: name a file in it, e.g. "
+                                  f"--output {Path(args.output) / 'results.json'}")
             check_writable(Path(args.output).resolve().parent)
         from fedpgp_ray.runtime.shared_ray import one_ray_for_all_runs
         with one_ray_for_all_runs(cfgs):  # --algorithms on Ray: one local instance for all of them

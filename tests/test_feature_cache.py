@@ -277,3 +277,23 @@ def test_failed_entry_write_runs_on_from_memory(clip, tmp_path, caplog):
     assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob("*.json"))  # no temp file left behind
     fresh = ImageFeatureCache(clip, tmp_path)  # nothing was cached on disk: a new process encodes again
     assert torch.equal(fresh.features("toy", "test", split, idx), feats) and fresh.encoded_images == 6
+
+
+def test_read_only_cache_missing_an_entry_encodes_it_in_memory(tmp_path):
+    """A shared cache mounted read-only (root ignores file modes: a read-only bind mount in a private
+    mount namespace): the entry it lacks is encoded and kept in memory, one warning, no traceback."""
+    cache_dir = tmp_path / "cache"
+    full = _result(_start(cache_dir))
+    entries = sorted(cache_dir.glob("*.pt"))
+    entries[0].unlink()
+    for lock in cache_dir.glob("*.lock"):
+        lock.unlink()
+    script = (f"mount --bind {cache_dir} {cache_dir} && mount -o remount,bind,ro {cache_dir} && "
+              f"exec {sys.executable} -c '{SCRIPT}' {cache_dir} 0")
+    proc = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", script],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "FEDPGP_PROGRESS": "0"})
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr and "cannot write to" in proc.stderr
+    again = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert again["sha"] == full["sha"] and again["encoded"] == full["encoded"]  # its one entry, encoded again
+    assert sorted(cache_dir.glob("*.pt")) == entries[1:]  # nothing written to the read-only folder

@@ -429,3 +429,24 @@ def test_dp_on_ray_clips_on_the_client_actor_and_matches_in_process(ray_session,
         assert a["metrics"]["clients_sampled"] == b["metrics"]["clients_sampled"]
         assert a["metrics"]["privacy/epsilon"] == b["metrics"]["privacy/epsilon"] == privacy.epsilon(0.6, 1.0, a["round"], 1e-5)
     assert on_ray["privacy"]["epsilon"] == in_process["privacy"]["epsilon"] > 0
+
+
+def test_a_dead_server_actor_is_one_line_with_the_resume_hint(ray_session):
+    """A killed server actor (or its node lost) ends the run in one line naming --resume, no traceback."""
+    from fedpgp_ray.runtime.ray.server_proxy import ServerProxy
+    from fedpgp_ray.strategy import RoundFailedError
+
+    @ray.remote(num_cpus=0)
+    class Server:
+        def call(self, method: str, *args):
+            return 7
+
+    actor = Server.remote()
+    proxy = ServerProxy(actor, lambda phase: {}, "/runs/x")
+    assert proxy.start_round() == 7
+    ray.kill(actor, no_restart=True)
+    with pytest.raises(RoundFailedError) as err:
+        proxy.start_round()
+    line = str(err.value)
+    assert "\n" not in line and line.startswith("the server actor died during start_round (")
+    assert line.endswith("continue with `fedpgp-ray run --resume /runs/x`")

@@ -502,3 +502,11 @@ def test_a_failed_start_claims_nothing_so_the_corrected_retry_runs(tmp_path, cap
         if (tmp_path / "run").exists() else set()
     assert leftovers == set()  # no run.json, no config.yaml: nothing claims the directory
     assert main(["--config", str(config), "--no-progress"]) == 0  # the corrected retry just works
+
+
+def test_output_naming_a_directory_is_refused_before_the_run(tmp_path, capsys):
+    config = write_config(tmp_path)
+    (tmp_path / "out").mkdir()
+    assert main(["--config", str(config), "--output", str(tmp_path / "out"), "--no-progress"]) == 2
+    assert f"--output {tmp_path / 'out'} is a directory: name a file in it" in one_error_line(capsys)
+    assert not (tmp_path / "run").exists()

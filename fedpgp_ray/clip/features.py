@@ -280,6 +280,11 @@ class ImageFeatureCache:
             lock.acquire(timeout=-1 if wait else 0)
         except Timeout:
             return None  # another process is encoding it: come back for it later
+        except OSError as err:  # a read-only cache folder (shared, read-only mount) missing this entry
+            _warn_once(str(self.directory), "feature cache: cannot write to %s (%s); entries missing there are "
+                       "encoded and kept in memory only: make it writable or set $FEDPGP_CACHE_DIR to a writable "
+                       "folder", self.directory, err)
+            return self._encode_and_store(request, fields)
         try:
             value = self._read(key, fields)  # it may have been written while we waited
             return value if value is not None else self._encode_and_store(request, fields)

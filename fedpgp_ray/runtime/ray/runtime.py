@@ -141,7 +141,7 @@ class RayRuntime(Runtime):
                                                    self._marker_for(store)))
         except RayTaskError as err:
             raise unwrap(err) from None
-        return ServerProxy(self.server_actor, self.phase_metrics)
+        return ServerProxy(self.server_actor, self.phase_metrics, self.cfg.output_dir)
 
     def _marker_for(self, store: CheckpointStore | None) -> str | None:
         """The start-up marker, if `store` is the run storage it was written to."""

@@ -4,12 +4,12 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import ray
-from ray.exceptions import RayTaskError
+from ray.exceptions import RayActorError, RayTaskError
 
 from fedpgp_ray.algorithms import Params
 from fedpgp_ray.client import EvalResult, FitResult
 from fedpgp_ray.runtime.ray.actors import unwrap
-from fedpgp_ray.strategy import ClientFailure
+from fedpgp_ray.strategy import ClientFailure, RoundFailedError
 
 
 class ServerProxy:
@@ -19,8 +19,10 @@ class ServerProxy:
     phase (actor restarts, client retries), so they land in the round's metrics.
     """
 
-    def __init__(self, actor: Any, phase_metrics: Callable[[str], dict[str, float]]) -> None:
+    def __init__(self, actor: Any, phase_metrics: Callable[[str], dict[str, float]],
+                 output_dir: str = "<output_dir>") -> None:
         self.actor = actor
+        self.output_dir = output_dir  # named in the one line that reports a dead server actor
         self.phase_metrics = phase_metrics  # the runtime's fault counters of a phase ("fit" / "evaluate")
 
     def _call(self, method: str, *args: Any) -> Any:
@@ -28,6 +30,11 @@ class ServerProxy:
             return ray.get(self.actor.call.remote(method, *args))
         except RayTaskError as err:
             raise unwrap(err) from None
+        except RayActorError as err:  # killed, or its node lost: the checkpoints hold every completed round
+            cause = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+            raise RoundFailedError(f"the server actor died during {method} ({type(err).__name__}: {cause}): the "
+                                   f"completed rounds are checkpointed; continue with `fedpgp-ray run --resume "
+                                   f"{self.output_dir}`") from None
 
     def global_params(self) -> Params:
         return self._call("global_params")
