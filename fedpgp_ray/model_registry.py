@@ -171,11 +171,16 @@ def log_run_models(cfg: ExperimentConfig, client: Any, run_id: str, tracking_uri
     return logged
 
 
+MODEL_METRIC_PREFIX = "final/"  # a logged model's metrics: final/local, final/hm3, ...
+
+
 def _log_model_metrics(client: Any, run_id: str, model_id: str, metrics: dict[str, float], step: int) -> None:
     from mlflow.entities import Metric
 
     stamp = int(time.time() * 1000)
-    points = [Metric(k, v, stamp, step, model_id=model_id) for k, v in metrics.items()]
+    # Points linked to a model also land in the run's history: under their own keys they never repeat
+    # the run's per-round series at the last step.
+    points = [Metric(f"{MODEL_METRIC_PREFIX}{k}", v, stamp, step, model_id=model_id) for k, v in metrics.items()]
     if points:
         client.log_batch(run_id, metrics=points)
 
