@@ -285,8 +285,11 @@ class MlflowTracker:
         if self.cfg.tracking.log_models:  # the trained classifiers as registered MLflow Models
             from fedpgp_ray.model_registry import log_tracker_models
 
-            print(f"MLflow: logging and registering the classifiers as MLflow Models "
-                  f"({self.cfg.federation.num_clients} clients + the global one)", file=sys.stderr, flush=True)
+            what = (f"the personalised model, {self.cfg.federation.num_clients} client models and the global one"
+                    if self.cfg.tracking.log_client_models else "one personalised model: the global prompt and "
+                    "every trained client's factors")
+            print(f"MLflow: logging and registering the classifiers as MLflow Models ({what})", file=sys.stderr,
+                  flush=True)
 
             log_tracker_models(self, results)
         self.end_seconds = time.perf_counter() - began
