@@ -24,9 +24,10 @@ fedml-env:
 
 # The Ray runtime tests start their own Ray instances: a separate process keeps them clear of
 # Ray state left by earlier tests in the same interpreter.
+RAY_SESSION_TESTS := tests/test_ray_runtime.py tests/test_restored_state.py tests/test_secagg_ray.py
 test: $(STAMP) fedml-env
-	$(BIN)/python -m pytest --ignore=tests/test_ray_runtime.py
-	$(BIN)/python -m pytest tests/test_ray_runtime.py
+	$(BIN)/python -m pytest $(addprefix --ignore=,$(RAY_SESSION_TESTS))
+	$(BIN)/python -m pytest $(RAY_SESSION_TESTS)
 	$(FEDML_VENV)/bin/python -m pytest plugins/fedml/tests
 
 clean:
