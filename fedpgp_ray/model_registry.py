@@ -35,6 +35,7 @@ from fedpgp_ray import personal_model, serving
 from fedpgp_ray.algorithms import FrozenEncoders
 from fedpgp_ray.clip.backbone import load_clip
 from fedpgp_ray.config import ExperimentConfig, ModelConfig
+from fedpgp_ray.serving_io import CLIENT_PARAM
 
 log = logging.getLogger(__name__)
 
@@ -108,13 +109,15 @@ def log_run_models(cfg: ExperimentConfig, client: Any, run_id: str, tracking_uri
         backbone = serving.backbone_reference(cfg.model, clip, weights_uri)
 
         def log_one(name: str, registered: str, code: Path, artifacts: dict[str, str], sig: Any,
-                    tags: dict[str, str], metrics: dict[str, float], description: str) -> None:
+                    tags: dict[str, str], metrics: dict[str, float], description: str,
+                    example: Any = None) -> None:
             model = client.create_logged_model(run.info.experiment_id, name=name, source_run_id=run_id, tags=tags)
             # run_id=None: given a run, Model.log would copy every run metric of the step onto the model
             # (one query per metric name: O(clients)); the model gets its own metrics and output link below.
             info = Model.log(artifact_path=None, name=name, flavor=mlflow.pyfunc, run_id=None,
                              model_id=model.model_id, python_model=str(code), artifacts=artifacts, signature=sig,
-                             input_example=serving.example_input(), pip_requirements=pip_requirements())
+                             input_example=serving.example_input() if example is None else example,
+                             pip_requirements=pip_requirements())
             client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step=prompts.round)])
             _log_model_metrics(client, run_id, model.model_id, metrics, prompts.round)
             version = _register(client, info.model_uri, registered, tags, description, prompts.round)
@@ -142,7 +145,10 @@ def log_run_models(cfg: ExperimentConfig, client: Any, run_id: str, tracking_uri
                     _final_metrics(results, None),
                     f"{cfg.algorithm.name} on {cfg.data.dataset} ({cfg.tracking.config_file or 'custom config'}), "
                     f"round {prompts.round}: {what}. Request params: client_id (none: the global prompt), "
-                    f"classes (any class names). Backbone {cfg.model.name} referenced, not copied.")
+                    f"classes (any class names). Backbone {cfg.model.name} referenced, not copied.",
+                    # without a global classifier (Local) a request must name a client: so must the example
+                    None if prompts.global_classifier is not None or not prompts.num_clients else
+                    (serving.example_input(), {CLIENT_PARAM: 0}))
         if cfg.tracking.log_client_models:  # opt-in: one registered model per client, O(clients) writes
             wanted = {f"client-{cid}": cid for cid in range(prompts.num_clients)}
             if prompts.global_classifier is not None:
