@@ -1,12 +1,14 @@
 """Where the actors run: attach to (or start) Ray, size the actors' GPU share, place their bundles."""
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import socket
 import time
 import warnings
 from pathlib import Path
+from typing import Iterator
 
 import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
@@ -31,7 +33,11 @@ def connect(rc: RuntimeConfig, num_actors: int) -> bool:
     if address:
         status(f"Ray: attaching to the cluster at {address}")
         check_reachable(address, rc.connect_timeout_s)
-        ray.init(address=address)  # attaching: never pass num_cpus/num_gpus
+        try:
+            with loopback_mode(address):
+                ray.init(address=address)  # attaching: never pass num_cpus/num_gpus
+        except ConnectionError as err:
+            raise attach_error(address, err) from None
         return False
     need = math.ceil(num_actors * rc.num_cpus_per_actor)
     status(f"Ray: starting a local instance ({max(os.cpu_count() or 1, need)} CPUs; a few seconds)")
@@ -39,6 +45,18 @@ def connect(rc: RuntimeConfig, num_actors: int) -> bool:
         return True
     ray.init()  # a `ray start` cluster on this machine: attach to it
     return False
+
+
+def attach_error(address: str, err: ConnectionError) -> ConfigError:
+    """The one line for a cluster that answered but did not let this driver join."""
+    detail = f"{err} {err.__cause__ or ''}"
+    if "InvalidAuthToken" in detail or "AuthenticationError" in detail:
+        return ConfigError(f"the Ray cluster at {address} refused this driver's token (InvalidAuthToken): use the "
+                           f"token of the cluster (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token as on "
+                           f"the machine that started it; `ray get-auth-token` prints it there)")
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return ConfigError(f"cannot attach to the Ray cluster at {address} ({first}): check that it is the head's GCS "
+                       f"address (host:port, default port 6379) and that the cluster runs Ray {ray.__version__}")
 
 
 def check_reachable(address: str, timeout_s: float) -> None:
@@ -62,6 +80,26 @@ def check_reachable(address: str, timeout_s: float) -> None:
 
 
 LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": Ray's single-node mode, every port on 127.0.0.1
+
+
+@contextlib.contextmanager
+def loopback_mode(address: str) -> Iterator[None]:
+    """Attach to a loopback address as it is: without single-node mode Ray replaces 127.0.0.1 by this
+    machine's own network address, where a head started on loopback does not listen (a silent hang)."""
+    host = address.rpartition(":")[0].strip("[]")
+    if os.environ.get(LOOPBACK_ENV) is not None or host not in ("127.0.0.1", "localhost", "::1"):
+        yield
+        return
+    from ray._private import ray_constants
+
+    saved = ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[LOOPBACK_ENV] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        os.environ.pop(LOOPBACK_ENV, None)
+        ray_constants.ENABLE_RAY_CLUSTER = saved
 
 
 def start_local_ray(num_cpus: int) -> bool:
