@@ -110,7 +110,7 @@ def run_experiment(cfg: ExperimentConfig, resume: bool = False, progress: bool =
     (not writable, another run in it, a resume that changes the experiment) changes nothing there.
     overwrite: replace a run already in the directory.
     """
-    with RunDir.open(cfg, resume, overwrite, preflight=check_request) as run_dir:
+    with RunDir.open(cfg, resume, overwrite, preflight=lambda c: check_request(c, resume)) as run_dir:
         try:
             return _run_in_dir(cfg, resume, progress, listeners, run_dir.run_id)
         except Exception:
@@ -119,9 +119,9 @@ def run_experiment(cfg: ExperimentConfig, resume: bool = False, progress: bool =
             raise
 
 
-def check_request(cfg: ExperimentConfig) -> None:
-    """The checks of a request that need the model and data code, before its run directory is touched:
-    a typo in model.pretrained must not cost the run that --overwrite would replace (ConfigError, one line)."""
+def check_request(cfg: ExperimentConfig, resume: bool = False) -> None:
+    """The checks of a request that need the model, data, tracking or Ray code, before its run directory is
+    touched: a typo must not cost the run that --overwrite would replace (one line each)."""
     from fedpgp_ray.clip.backbone import resolve_pretrained
     from fedpgp_ray.data.registry import available_datasets
 
@@ -137,6 +137,13 @@ def check_request(cfg: ExperimentConfig) -> None:
         if not torch.cuda.is_available():
             raise ConfigError("model.device is 'cuda' but no CUDA device is visible to this process: set "
                               "model.device: auto (CUDA when there is one) or cpu")
+    if cfg.tracking.mlflow and not resume:  # a resume checks the store its run was logged to, as it opens it
+        from fedpgp_ray.tracking import check_store
+        check_store(cfg)
+    address = cfg.runtime.address or os.environ.get("RAY_ADDRESS")
+    if cfg.runtime.kind == "ray" and address:
+        from fedpgp_ray.runtime.ray.placement import check_reachable
+        check_reachable(address, cfg.runtime.connect_timeout_s)
 
 
 def _run_in_dir(cfg: ExperimentConfig, resume: bool, progress: bool, listeners: list[RoundListener],

@@ -116,6 +116,18 @@ def resolve_tracking_uri(cfg: ExperimentConfig, saved: dict[str, Any] | None = N
     return _normalize_uri(uri)
 
 
+def check_store(cfg: ExperimentConfig) -> None:
+    """The default or named store of a new run answers and can be written (TrackingError, one line):
+    checked before the run directory is touched, so --overwrite never loses a run to a store typo."""
+    uri = resolve_tracking_uri(cfg)
+    check_reachable(uri)
+    try:
+        check_sqlite_store(uri)
+    except Exception as err:  # noqa: BLE001 - as start_tracker reports it
+        raise TrackingError(f"MLflow tracking store {uri} cannot be used ({one_line(err)}); fix "
+                            f"MLFLOW_TRACKING_URI / tracking.uri or set tracking.mlflow=false") from None
+
+
 def check_reachable(uri: str, timeout: float = PROBE_TIMEOUT_S) -> None:
     """Fail fast (TrackingError) if an http(s) tracking server does not answer within `timeout` s.
 

@@ -158,6 +158,11 @@ def test_overwrite_validates_the_new_request_before_deleting_the_old_run(finishe
                  "--no-progress"]) == 2
     assert "is not a folder" in one_error_line(capsys)
     assert snapshot(out) == before
+    nobody = f"http://127.0.0.1:{free_port()}"  # a tracking server that is not there
+    assert main(["--config", str(config), "--set", "tracking.mlflow=true", "--set", f"tracking.uri={nobody}",
+                 "--overwrite", "--no-progress"]) == 2
+    assert f"MLflow tracking server {nobody} cannot be reached" in one_error_line(capsys)
+    assert snapshot(out) == before
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the refusal is for machines without CUDA")
