@@ -80,13 +80,14 @@ def leftovers(home: Path) -> dict[int, str]:
 def run_readme(tmp_path: Path, home: Path) -> None:
     work = repo_copy(tmp_path / "repo")
     env = user_env(home)
+    temp_dirs = set(Path("/tmp").glob("ray-??????"))  # the recipe's mktemp -d /tmp/ray-XXXXXX
     began = time.monotonic()
     done = subprocess.run(in_private_network(readme_commands()), cwd=work, env=env, capture_output=True, text=True,
                           timeout=1800, start_new_session=True)
     log = done.stdout + done.stderr
     try:
         assert "succeeded" in log and "Job 'raysubmit_" in log, log[-5000:]
-        assert "401" not in log and "Missing authentication token" not in log
+        assert not re.search(r"(?<![\d.])401(?![\d.])", log) and "Missing authentication token" not in log
         doc = json.loads((work / "runs" / "quickstart-job" / "results.json").read_text())
         assert doc["runtime"] == "ray" and [r["round"] for r in doc["rounds"]][-1] == doc["config"]["train"]["rounds"]
         assert doc["rounds"][-1]["metrics"]["clients_reported"] == 10
@@ -97,6 +98,8 @@ def run_readme(tmp_path: Path, home: Path) -> None:
         while leftovers(home) and time.monotonic() < deadline:
             time.sleep(2)
         assert not leftovers(home), leftovers(home)  # `kill $RAY_HEAD_PID` stopped this cluster
+        assert set(Path("/tmp").glob("ray-??????")) <= temp_dirs  # and `rm -rf "$RAY_TMP"` removed its folder
+        assert (home / ".ray" / "auth_token").stat().st_mode & 0o777 == 0o600  # the token is the user's only
         print(f"README cluster commands: {time.monotonic() - began:.0f} s")
     finally:
         for pid in leftovers(home):  # never leave a cluster behind, even when an assertion failed
