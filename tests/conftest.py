@@ -7,6 +7,10 @@ import pytest
 
 from fedpgp_ray.config import ExperimentConfig, config_from_dict
 
+# One token for every Ray session a test process starts: Ray's driver reads the token once per process,
+# so a second local instance started with another token would refuse that driver (Failed to start GCS).
+RAY_SESSION_TOKEN = os.urandom(16).hex()
+
 TINY = {
     "seed": 0,
     "model": {"name": "fedpgp-tiny", "pretrained": None},

@@ -18,6 +18,7 @@ import time
 import warnings
 from pathlib import Path
 
+from conftest import RAY_SESSION_TOKEN
 from processes import free_port
 
 import pytest
@@ -45,7 +46,7 @@ def ray_session():
     # Token auth stays on: Ray's default for a new local instance (RAY_AUTH_MODE unset), which it turns
     # on in this process; the token comes from the environment, so Ray writes none to ~/.ray.
     patch.delenv("RAY_AUTH_MODE", raising=False)
-    patch.setenv("RAY_AUTH_TOKEN", os.urandom(16).hex())
+    patch.setenv("RAY_AUTH_TOKEN", RAY_SESSION_TOKEN)
     patch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
     patch.delenv("RAY_ADDRESS", raising=False)
     if ray.is_initialized():

@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 import ray
 
+from conftest import RAY_SESSION_TOKEN
+
 from fedpgp_ray.checkpoint import CheckpointStore
 from fedpgp_ray.config import config_from_dict
 from fedpgp_ray.federation import run_federation
@@ -20,7 +22,7 @@ def ray_session():
     """A fresh local Ray instance (2 CPUs), token auth on with a token from the environment."""
     patch = pytest.MonkeyPatch()
     patch.delenv("RAY_AUTH_MODE", raising=False)
-    patch.setenv("RAY_AUTH_TOKEN", os.urandom(16).hex())
+    patch.setenv("RAY_AUTH_TOKEN", RAY_SESSION_TOKEN)
     patch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
     patch.delenv("RAY_ADDRESS", raising=False)
     if ray.is_initialized():
