@@ -38,14 +38,6 @@ class FedPGPServerAggregator(ServerAggregator):
         self.save_dir = Path(str(out)).expanduser() if out else None
         self._pending_round: int | None = None
         self.strategy = build_strategy(self.cfg)
-        if self.strategy.privacy is not None and get(args, "training_type") == "cross_silo" \
-                and self.cfg.federation.client_fraction < 1:
-            # FedML's cross-silo server picks a fixed number of silos itself: not the Poisson sampling the
-            # accountant assumes, so an epsilon for q < 1 would be wrong.
-            raise FedMLConfigError(f"privacy.enabled in cross-silo needs train_args.client_num_per_round == "
-                                   f"client_num_in_total (q = 1): FedML's server selects "
-                                   f"{self.cfg.federation.client_fraction:g} of the silos by itself, not by "
-                                   f"Poisson sampling, and epsilon would not hold")
         if get(args, "training_type") == "cross_silo" and self.strategy.num_rounds < self.cfg.train.rounds:
             # FedML's cross-silo server runs comm_round rounds itself: it cannot stop early at the budget
             raise FedMLConfigError(f"{self.strategy.stop_message}; FedML cross-silo cannot stop early: set "
