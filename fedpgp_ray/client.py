@@ -23,6 +23,7 @@ from fedpgp_ray.algorithms import Algorithm, FrozenEncoders, Params, build_algor
 from fedpgp_ray.checkpoint import CheckpointStore, MissingClientState
 from fedpgp_ray.clip.backbone import load_clip
 from fedpgp_ray.client_results import MAX_LISTED_CLIENTS
+from fedpgp_ray.client_speed import RoundClosing, SpeedModel
 from fedpgp_ray.clip.features import FeatureRequest, ImageFeatureCache
 from fedpgp_ray.config import ExperimentConfig
 from fedpgp_ray.data.base import ClassificationDataset
@@ -76,11 +77,16 @@ class ClientStateCache(OrderedDict):
 
 @dataclass
 class FitResult:
-    """A client's upload: global params only, its sample count, and training metrics."""
+    """A client's upload: global params only, its sample count, and training metrics.
+
+    late: the round closed before this client finished (deadline mode): nothing uploaded; `metrics` has
+    `steps` if it trained (its personal state then moved on), none if it never started.
+    """
     client_id: int
     params: Params
     num_examples: int
     metrics: dict[str, float] = field(default_factory=dict)
+    late: bool = False
 
 
 @dataclass
@@ -132,6 +138,8 @@ class ClientWorker:
         # SecAgg: a trained client's update waits here (never in a FitResult) until the protocol takes it
         self._secagg_updates: dict[int, np.ndarray] = {}
         self._secagg_clients: dict[int, SecAggClient] = {}
+        self.speed = SpeedModel(cfg.client_speed, cfg.seed, cfg.federation.num_clients)
+        self.closing = RoundClosing()  # the runtime says when a round stops wanting results (deadline mode)
 
     @property
     def device(self) -> torch.device:
@@ -299,6 +307,7 @@ class ClientWorker:
         """Drop every client state held in memory (the run rolled back: states are restored from the store)."""
         self.states.clear()
         self.reinits.clear()
+        self.closing = RoundClosing()  # the rounds after the rollback are played again
 
     def _restore(self, client_id: int, before_round: int) -> ClientState:
         """The client's saved state, else a fresh seeded init (see `state`)."""
@@ -321,7 +330,10 @@ class ClientWorker:
     # -- fit ----------------------------------------------------------------------------------------
     def fit(self, client_id: int, rnd: int, global_params: Params, state_round: int | None = None) -> FitResult:
         """Train client `client_id` for E local epochs from the global params and its own state
-        (state_round: see `state`)."""
+        (state_round: see `state`). A slow client (client_speed) then waits out its extra time, unless the
+        round closes meanwhile: a late result, whose personal state is kept (docs/ASYNC.md)."""
+        if self.closing.closed(rnd):  # the round closed before this client started: it does not train
+            return FitResult(client_id, {}, 0, {}, late=True)
         start = time.perf_counter()
         cfg, tc = self.cfg, self.cfg.train
         part = self.partition.clients[client_id]
@@ -387,6 +399,11 @@ class ClientWorker:
         if cfg.secagg.enabled and upload:  # SecAgg: the update stays here; only masked vectors leave
             self._secagg_updates[client_id] = flat_update(upload, {k: global_params[k].detach().cpu() for k in upload})
             upload = {}
+        if self.speed.enabled:
+            waited = self.closing.wait(rnd, self.speed.extra_seconds(client_id, metrics["fit_seconds"]))
+            metrics["straggle_seconds"] = waited
+        if self.closing.closed(rnd):
+            return FitResult(client_id, {}, n, metrics, late=True)
         return FitResult(client_id, upload, n, metrics)
 
     # -- secure aggregation ------------------------------------------------------------------------------

@@ -258,11 +258,31 @@ class FederationConfig:
     min_reporting_clients: a round with fewer reporting clients fails loudly.
     allow_dropped_clients: a run in which the runtime dropped a client (it failed every attempt) still
         exits 0; by default such a run finishes, writes its results and exits 3 naming the clients.
+    round_deadline_s: a training round stops waiting this many seconds after it started; results that
+        arrive later are discarded and counted (`clients_late`), not dropped (null: wait for every client).
+    over_selection: sample ceil((1 + over_selection) m) clients instead of m = floor(client_fraction K) and
+        aggregate the first m to report (Bonawitz et al. 2019); the rest are discarded as late (0: off).
     """
     num_clients: int = _f(10, lo=1)
     client_fraction: float = _f(1.0, lo=0.0, hi=1.0, lo_open=True)
     min_reporting_clients: int = _f(1, lo=1)
     allow_dropped_clients: bool = _f(False)
+    round_deadline_s: float | None = _f(None, lo=0.0, lo_open=True)
+    over_selection: float = _f(0.0, lo=0.0, hi=10.0)
+
+
+@dataclass
+class ClientSpeedConfig:
+    """Client speed model for tests and benchmarks (fedpgp_ray/client_speed.py; docs/ASYNC.md): a slow
+    client's fit waits (k - 1) x its measured training time, so it takes k times as long. Seeded by `seed`.
+
+    kind: "none" (off), "slow_fraction" (round(slow_fraction K) clients are `slowdown` times slower) or
+        "lognormal" (k = max(1, exp(sigma z)), z ~ N(0, 1) per client).
+    """
+    kind: str = _f("none", choices=("none", "slow_fraction", "lognormal"))
+    slow_fraction: float = _f(0.1, lo=0.0, hi=1.0)
+    slowdown: float = _f(10.0, lo=1.0)
+    sigma: float = _f(1.0, lo=0.0)
 
 
 @dataclass
@@ -396,6 +416,7 @@ class ExperimentConfig:
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
+    client_speed: ClientSpeedConfig = field(default_factory=ClientSpeedConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
@@ -517,6 +538,7 @@ def config_from_dict(data: dict[str, Any], overrides: list[str] = (), base_dir: 
         if not values.enabled and changed:
             raise ConfigError(f"config key '{section}.{changed[0]}' is set but {section}.enabled is false: it would "
                               f"have no effect; set {section}.enabled=true or remove it")
+    _check_speed_and_deadline(cfg)
     per_round = max(int(math.floor(cfg.federation.client_fraction * cfg.federation.num_clients)), 1)
     if cfg.secagg.enabled and not cfg.privacy.enabled and cfg.secagg.min_survivors > per_round:
         raise ConfigError(f"config key 'secagg.min_survivors' = {cfg.secagg.min_survivors} is out of range: must be "
@@ -541,6 +563,21 @@ def config_from_dict(data: dict[str, Any], overrides: list[str] = (), base_dir: 
             raise ConfigError(f"config key 'output_dir' = {cfg.output_dir!r} contains {' and '.join(map(repr, bad))}, "
                               f"which a store URI reads as the start of a query: choose a path without them")
     return cfg
+
+
+def _check_speed_and_deadline(cfg: ExperimentConfig) -> None:
+    speed, default = cfg.client_speed, ClientSpeedConfig()
+    changed = [f.name for f in dataclasses.fields(speed) if getattr(speed, f.name) != getattr(default, f.name)]
+    if speed.kind == "none" and changed:
+        raise ConfigError(f"config key 'client_speed.{changed[0]}' is set but client_speed.kind is 'none': it would "
+                          f"have no effect; set client_speed.kind (slow_fraction, lognormal) or remove it")
+    fed = cfg.federation
+    deadline = "federation.round_deadline_s" if fed.round_deadline_s is not None else (
+        "federation.over_selection" if fed.over_selection > 0 else None)
+    if deadline and (cfg.privacy.enabled or cfg.secagg.enabled):
+        raise ConfigError(f"config key '{deadline}' cannot be used with privacy.enabled or secagg.enabled: keeping "
+                          f"the first clients to report makes who is aggregated depend on speed, which the privacy "
+                          f"accounting and the SecAgg round do not model (docs/PRIVACY.md); remove it")
 
 
 def packaged_configs() -> list[str]:
