@@ -15,7 +15,8 @@ from fedpgp_ray.client_results import accuracy_summary, listed
 from fedpgp_ray.config import ExperimentConfig, config_to_dict
 from fedpgp_ray.runtime.base import Runtime
 from fedpgp_ray.secagg.protocol import STAGES as SECAGG_STAGES
-from fedpgp_ray.strategy import FedAvgStrategy
+from fedpgp_ray.client import FitResult
+from fedpgp_ray.strategy import FedAvgStrategy, RoundFailedError
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,26 @@ class RoundReport:
     dropped: dict[int, str] = field(default_factory=dict)
 
 
+class WallClock:
+    """Seconds since the run started (across resumes), and the same without evaluation phases, for
+    time-to-accuracy curves: `wall_seconds` and `train_wall_seconds` on every round."""
+
+    def __init__(self, offset: float = 0.0, eval_offset: float = 0.0) -> None:
+        self.began = time.perf_counter() - offset
+        self.eval_seconds = eval_offset
+
+    @classmethod
+    def resumed(cls, last: list[dict[str, Any]]) -> "WallClock":
+        """Continuing after the last completed round's report (none: a new run)."""
+        m = last[0]["metrics"] if last else {}
+        wall = m.get("wall_seconds", 0.0)
+        return cls(wall, wall - m.get("train_wall_seconds", wall))
+
+    def stamp(self, metrics: dict[str, float]) -> None:
+        metrics["wall_seconds"] = time.perf_counter() - self.began
+        metrics["train_wall_seconds"] = metrics["wall_seconds"] - self.eval_seconds
+
+
 class RoundListener(Protocol):
     """Observes a run (progress bar, MLflow). Listeners never change the run."""
 
@@ -49,9 +70,10 @@ class RoundListener(Protocol):
 
 def build_strategy(cfg: ExperimentConfig) -> FedAvgStrategy:
     ev = cfg.evaluation
-    return FedAvgStrategy(cfg.federation.num_clients, cfg.federation.client_fraction,
-                          cfg.federation.min_reporting_clients, ev.every, num_rounds(cfg), cfg.seed,
-                          cfg.privacy, ev.client_fraction, ev.num_clients, ev.final == "all", secagg=cfg.secagg)
+    fed = cfg.federation
+    return FedAvgStrategy(fed.num_clients, fed.client_fraction, fed.min_reporting_clients, ev.every, num_rounds(cfg),
+                          cfg.seed, cfg.privacy, ev.client_fraction, ev.num_clients, ev.final == "all",
+                          secagg=cfg.secagg, round_deadline_s=fed.round_deadline_s, over_selection=fed.over_selection)
 
 
 def num_rounds(cfg: ExperimentConfig) -> int:
@@ -72,9 +94,10 @@ def run_federation(cfg: ExperimentConfig, runtime: Runtime, store: CheckpointSto
     server = runtime.make_server(strategy, store, resume)
     began = time.perf_counter()
     rnd = server.start_round()
+    clock = WallClock.resumed(server.get_history()[-1:] if rnd > 0 else [])
     while rnd <= strategy.num_rounds:
         try:
-            report, global_params = play_round(rnd, strategy, runtime, server)
+            report, global_params = play_round(rnd, strategy, runtime, server, clock)
         except ClientStateRollback as err:
             # a damaged or foreign client state: server and clients go back to the round before it together
             if store is None or store.apply_rollback() is None:
@@ -100,8 +123,10 @@ def secure_aggregation(rnd: int, server: Any, runtime: Runtime, clients: list[in
         requests = server.secagg_step(stage, runtime.secagg_exchange(rnd, stage, requests))
 
 
-def play_round(rnd: int, strategy: FedAvgStrategy, runtime: Runtime, server: Any) -> tuple[RoundReport, Params]:
+def play_round(rnd: int, strategy: FedAvgStrategy, runtime: Runtime, server: Any, clock: WallClock | None = None
+               ) -> tuple[RoundReport, Params]:
     """Round `rnd`: train the sampled clients, aggregate, evaluate when due, checkpoint; its report."""
+    clock = clock if clock is not None else WallClock()
     tick = time.perf_counter()
     metrics: dict[str, float] = {}
     clients: dict[int, dict[str, float]] = {}
@@ -110,14 +135,30 @@ def play_round(rnd: int, strategy: FedAvgStrategy, runtime: Runtime, server: Any
     global_params = server.global_params()
     if rnd > 0:
         sampled = strategy.configure_train(rnd)
+        close = strategy.round_close(len(sampled))
+        late: list[FitResult] = []
         if strategy.secagg_skips(sampled, global_params):
             results, failures = [], []  # too few sampled clients to hide one: no update (no one trains)
         else:
-            results, failures = runtime.fit(rnd, sampled, global_params)
+            results, failures = (runtime.fit(rnd, sampled, global_params) if close is None
+                                 else runtime.fit(rnd, sampled, global_params, close))
             metrics["fit_phase_seconds"] = time.perf_counter() - tick
             if strategy.secagg is not None and global_params:
                 secure_aggregation(rnd, server, runtime, [r.client_id for r in results])
-        metrics.update(clients_sampled=float(len(sampled)), **server.aggregate_train(rnd, results, failures))
+        if close is not None:  # deadline mode: late results are discarded, counted, never dropped
+            results, late = [r for r in results if not r.late], [r for r in results if r.late]
+            metrics.update(clients_late=float(len(late)), clients_late_trained=float(sum("steps" in r.metrics
+                                                                                           for r in late)))
+            for r in late:
+                clients[r.client_id] = {"late": 1.0}
+        try:
+            metrics.update(clients_sampled=float(len(sampled)), **server.aggregate_train(rnd, results, failures))
+        except RoundFailedError as err:
+            if not late:
+                raise
+            raise RoundFailedError(f"{err}; {len(late)} more were late (federation.round_deadline_s="
+                                   f"{strategy.round_deadline_s}, over_selection={strategy.over_selection}): raise "
+                                   f"the deadline or lower min_reporting_clients") from None
         fit_dropped = len(failures)
         if not strategy.private_ids:  # DP / SecAgg: who took part (or dropped out) stays unrecorded
             dropped.update({f.client_id: f"fit: {f.reason}" for f in failures})
@@ -130,6 +171,7 @@ def play_round(rnd: int, strategy: FedAvgStrategy, runtime: Runtime, server: Any
         began_eval = time.perf_counter()
         eval_results, eval_failures = runtime.evaluate(rnd, eval_ids, global_params)
         metrics["evaluate_phase_seconds"] = time.perf_counter() - began_eval
+        clock.eval_seconds += metrics["evaluate_phase_seconds"]
         metrics.update(server.aggregate_evaluate(rnd, eval_results))
         for r in eval_results:
             clients.setdefault(r.client_id, {}).update(r.metrics)
@@ -140,6 +182,7 @@ def play_round(rnd: int, strategy: FedAvgStrategy, runtime: Runtime, server: Any
     for cid in dropped:
         clients.setdefault(cid, {})["dropped"] = 1.0
     metrics["round_seconds"] = time.perf_counter() - tick
+    clock.stamp(metrics)
     report = RoundReport(rnd, metrics, clients, dropped)
     server.finish_round(rnd, asdict(report))
     return report, global_params

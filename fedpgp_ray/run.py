@@ -90,6 +90,8 @@ class PlainProgress:
         parts = [f"loss {m['train_loss']:.3f}"] if "train_loss" in m else []
         parts += [f"{key} {m[key]:.1f}" for key in ("local", "base", "novel") if key in m]
         parts.append(f"{m.get('round_seconds', float('nan')):.2f} s")
+        if m.get("clients_late"):
+            parts.append(f"{m['clients_late']:.0f} late")
         if report.dropped:
             parts.append(dropped_text(report.dropped))
         print(f"{self.label} round {report.round}/{self.last}: {', '.join(parts)}", flush=True)

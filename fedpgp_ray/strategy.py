@@ -31,6 +31,14 @@ class RoundFailedError(RuntimeError):
 
 
 @dataclass
+class RoundClose:
+    """When a training round stops waiting in deadline mode: once `target` clients reported, or
+    `deadline_s` seconds after it started (None: no time limit), whichever comes first."""
+    target: int
+    deadline_s: float | None
+
+
+@dataclass
 class ClientFailure:
     """A client that did not report in a round, and why."""
     client_id: int
@@ -55,11 +63,18 @@ def harmonic_mean(values: list[float]) -> float:
     return len(values) / sum(1.0 / v for v in values)
 
 
-def sample_clients(num_clients: int, fraction: float, seed: int, rnd: int) -> list[int]:
-    """m = max(floor(fraction * K), 1) clients without replacement, seeded by (seed, round)."""
-    m = max(int(math.floor(fraction * num_clients)), 1)
+def reporting_target(num_clients: int, fraction: float) -> int:
+    """m = max(floor(fraction * K), 1): the clients a round aggregates."""
+    return max(int(math.floor(fraction * num_clients)), 1)
+
+
+def sample_clients(num_clients: int, fraction: float, seed: int, rnd: int, over_selection: float = 0.0) -> list[int]:
+    """m = reporting_target clients without replacement, seeded by (seed, round); with over-selection o,
+    min(m + ceil(o m), K) of them (the first m to report are aggregated)."""
+    m = reporting_target(num_clients, fraction)
+    size = min(m + math.ceil(round(over_selection * m, 9)), num_clients)
     rng = np.random.default_rng([seed, 7, rnd])
-    return sorted(rng.choice(num_clients, size=m, replace=False).tolist())
+    return sorted(rng.choice(num_clients, size=size, replace=False).tolist())
 
 
 def sample_eval_clients(num_clients: int, fraction: float, count: int | None, seed: int, rnd: int) -> list[int]:
@@ -114,12 +129,16 @@ class FedAvgStrategy:
     secagg: secure aggregation when enabled: the server gets only the unmasked sum of the round's
         quantised updates (`secagg_setup`, `aggregate_secure`); with privacy, the noise comes from the
         clients (distributed Skellam DP) and epsilon from `secagg.ddp`.
+    round_deadline_s / over_selection: deadline mode (`round_close`; config refuses it with DP or SecAgg).
     """
 
     def __init__(self, num_clients: int, fraction: float, min_reporting: int, evaluate_every: int,
                  num_rounds: int, seed: int, privacy: PrivacyConfig | None = None, eval_fraction: float = 1.0,
-                 eval_count: int | None = None, final_all: bool = False, secagg: SecAggConfig | None = None) -> None:
+                 eval_count: int | None = None, final_all: bool = False, secagg: SecAggConfig | None = None,
+                 round_deadline_s: float | None = None, over_selection: float = 0.0) -> None:
         self.num_clients = num_clients
+        self.round_deadline_s = round_deadline_s
+        self.over_selection = over_selection
         self.eval_fraction = eval_fraction
         self.eval_count = eval_count
         self.final_all = final_all
@@ -156,7 +175,15 @@ class FedAvgStrategy:
     def configure_train(self, rnd: int) -> list[int]:
         if self.privacy is not None:  # what the accountant assumes: each client independently, rate q
             return dp.poisson_sample(self.num_clients, self.fraction, self._dp_seed(), rnd)
-        return sample_clients(self.num_clients, self.fraction, self.seed, rnd)
+        return sample_clients(self.num_clients, self.fraction, self.seed, rnd, self.over_selection)
+
+    def round_close(self, sampled: int) -> RoundClose | None:
+        """Deadline mode: when a round of `sampled` clients stops waiting (the first m = reporting_target
+        with over-selection, else all of them), and its time limit; None: wait for every client."""
+        if self.round_deadline_s is None and self.over_selection == 0:
+            return None
+        target = min(reporting_target(self.num_clients, self.fraction), sampled) if self.over_selection else sampled
+        return RoundClose(target, self.round_deadline_s)
 
     def epsilon(self, rounds: int) -> float:
         """epsilon at privacy.target_delta after `rounds` DP rounds (inf without noise): central DP's RDP

@@ -9,7 +9,9 @@ import pytest
 
 from fedpgp_ray.client_speed import RoundClosing, SpeedModel, speed_factors
 from fedpgp_ray.config import ClientSpeedConfig, ConfigError, config_from_dict
+from fedpgp_ray.federation import run_federation
 from fedpgp_ray.runtime.local import LocalRuntime
+from fedpgp_ray.strategy import FedAvgStrategy, RoundClose, RoundFailedError, sample_clients
 from tests.conftest import make_cfg
 
 
@@ -67,3 +69,63 @@ def test_a_slow_client_takes_slowdown_times_its_training_time(tmp_path):
     for r in results:  # waited (slowdown - 1) x its own measured training time
         assert r.metrics["straggle_seconds"] >= 2 * r.metrics["fit_seconds"] * 0.99
     assert elapsed >= sum(3 * r.metrics["fit_seconds"] for r in results) * 0.99
+
+
+def test_over_selection_samples_more_and_targets_the_first_m():
+    assert sample_clients(100, 0.1, 0, 3) == sample_clients(100, 0.1, 0, 3, 0.0)  # off: the same sample as before
+    assert len(sample_clients(100, 0.1, 0, 3, 0.3)) == 13 and len(sample_clients(10, 1.0, 0, 3, 0.3)) == 10
+    strategy = FedAvgStrategy(100, 0.1, 1, 1, 5, 0, over_selection=0.3, round_deadline_s=None)
+    assert strategy.round_close(13) == RoundClose(10, None)
+    assert FedAvgStrategy(100, 0.1, 1, 1, 5, 0, round_deadline_s=7.5).round_close(10) == RoundClose(10, 7.5)
+    assert FedAvgStrategy(100, 0.1, 1, 1, 5, 0).round_close(10) is None
+
+
+def slow_client(cfg) -> int:
+    factors = speed_factors(cfg.client_speed, cfg.seed, cfg.federation.num_clients)
+    (slow,) = np.flatnonzero(factors > 1).tolist()
+    return slow
+
+
+STRAGGLER = ["federation.num_clients=6", "client_speed.kind=slow_fraction", "client_speed.slow_fraction=0.17",
+             "client_speed.slowdown=100000", "train.rounds=1"]
+
+
+def test_deadline_discards_and_counts_a_straggler_which_keeps_its_local_update(tmp_path):
+    """In-process, clients in turn: one before the straggler reports; the straggler trains, waits, is cut at the
+    deadline (late, trained: its personal state moved on, its upload is discarded); the next never starts."""
+    cfg = make_cfg(tmp_path, STRAGGLER)
+    slow = slow_client(cfg)
+    before, after = (slow + 1) % 6, (slow + 2) % 6
+    with LocalRuntime(cfg, None, None) as rt:
+        fresh = {k: v.clone() for k, v in rt.worker.state(slow, 1).personal.items()}
+        results, failures = rt.fit(1, [before, slow, after], rt.initial_global_params(), RoundClose(3, 8.0))
+        kept = rt.worker.states[slow]
+        assert after not in rt.worker.states  # never started: no state made for it
+    by_id = {r.client_id: r for r in results}
+    assert not failures and not by_id[before].late and by_id[before].params
+    assert by_id[slow].late and not by_id[slow].params and by_id[slow].metrics["steps"] > 0
+    assert by_id[slow].metrics["straggle_seconds"] < 1000  # cut at the deadline, not the 100000x wait
+    assert by_id[after].late and "steps" not in by_id[after].metrics
+    assert kept.round == 1 and any(not (kept.personal[k] == fresh[k]).all() for k in fresh)  # kept, not rolled back
+
+
+def test_deadline_round_reports_late_clients_apart_from_dropped_ones(tmp_path):
+    cfg = make_cfg(tmp_path, ["federation.num_clients=10", "federation.client_fraction=0.5",
+                              "federation.over_selection=0.4", "train.rounds=1"])
+    with LocalRuntime(cfg, None, None) as rt:
+        doc = run_federation(cfg, rt)
+    m = doc["rounds"][1]["metrics"]
+    assert (m["clients_sampled"], m["clients_reported"], m["clients_late"], m["clients_late_trained"]) == (7, 5, 2, 0)
+    assert m["clients_dropped"] == 0 and doc["dropped_clients"] == []
+    assert sum("late" in c for c in doc["rounds"][1]["clients"].values()) == 2
+    assert 0 < m["train_wall_seconds"] <= m["wall_seconds"]
+    assert doc["rounds"][0]["metrics"]["wall_seconds"] < m["wall_seconds"]
+
+
+def test_too_few_reporting_by_the_deadline_fails_the_round_loudly(tmp_path):
+    cfg = make_cfg(tmp_path, STRAGGLER + ["client_speed.slow_fraction=1.0", "federation.client_fraction=0.5",
+                                          "federation.round_deadline_s=3", "federation.min_reporting_clients=2"])
+    with LocalRuntime(cfg, None, None) as rt, pytest.raises(RoundFailedError) as err:
+        run_federation(cfg, rt)  # the first client is cut at the deadline, the others never start
+    assert "only 0 clients reported, fewer than federation.min_reporting_clients=2" in str(err.value)
+    assert "3 more were late (federation.round_deadline_s=3.0" in str(err.value) and "\n" not in str(err.value)

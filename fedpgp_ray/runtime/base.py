@@ -12,7 +12,7 @@ from fedpgp_ray.client import EvalResult, FitResult
 from fedpgp_ray.checkpoint import CheckpointStore
 from fedpgp_ray.config import RuntimeConfig
 from fedpgp_ray.server import Server
-from fedpgp_ray.strategy import ClientFailure, FedAvgStrategy
+from fedpgp_ray.strategy import ClientFailure, FedAvgStrategy, RoundClose
 
 
 def status(message: str) -> None:
@@ -63,9 +63,13 @@ class Runtime(ABC):
         return Server.resume_or_start(strategy, self.initial_global_params(), store, resume)
 
     @abstractmethod
-    def fit(self, rnd: int, client_ids: list[int], global_params: Params
+    def fit(self, rnd: int, client_ids: list[int], global_params: Params, close: RoundClose | None = None
             ) -> tuple[list[FitResult], list[ClientFailure]]:
-        """Train the given clients from `global_params`; results sorted by client id."""
+        """Train the given clients from `global_params`; results sorted by client id.
+
+        close (deadline mode): stop waiting once `close.target` clients reported or `close.deadline_s`
+        passed; every other sampled client that did not fail comes back as a late FitResult (`late=True`).
+        """
 
     @abstractmethod
     def evaluate(self, rnd: int, client_ids: list[int], global_params: Params

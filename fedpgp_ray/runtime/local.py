@@ -1,6 +1,7 @@
 """In-process runtime: one ClientWorker runs every client in turn (debugging, tests, laptops)."""
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import torch
@@ -10,7 +11,7 @@ from fedpgp_ray.checkpoint import CheckpointStore
 from fedpgp_ray.client import ClientWorker, EvalResult, FitResult
 from fedpgp_ray.config import ExperimentConfig
 from fedpgp_ray.runtime.base import RoundProgress, Runtime, status, worker_threads
-from fedpgp_ray.strategy import ClientFailure
+from fedpgp_ray.strategy import ClientFailure, RoundClose
 
 
 class LocalRuntime(Runtime):
@@ -32,9 +33,33 @@ class LocalRuntime(Runtime):
     def forget_states(self) -> None:
         self.worker.forget_states()
 
-    def fit(self, rnd: int, client_ids: list[int], global_params: Params
+    def fit(self, rnd: int, client_ids: list[int], global_params: Params, close: RoundClose | None = None
             ) -> tuple[list[FitResult], list[ClientFailure]]:
-        return self._each(rnd, "fit", client_ids, lambda cid: self.worker.fit(cid, rnd, global_params)), []
+        if close is None:
+            return self._each(rnd, "fit", client_ids, lambda cid: self.worker.fit(cid, rnd, global_params)), []
+        # deadline mode, clients in turn: a timer closes the round at its deadline (cutting a straggler's
+        # wait short), and it closes once close.target reported; the clients after that do not start
+        closing = self.worker.closing
+        timer = threading.Timer(close.deadline_s, closing.close, args=(rnd,)) if close.deadline_s else None
+        if timer is not None:
+            timer.daemon = True
+            timer.start()
+        reported = 0
+
+        def work(cid: int) -> FitResult:
+            nonlocal reported
+            if reported >= close.target:
+                closing.close(rnd)
+            result = self.worker.fit(cid, rnd, global_params)
+            reported += not result.late
+            return result
+
+        try:
+            return self._each(rnd, "fit", client_ids, work), []
+        finally:
+            if timer is not None:
+                timer.cancel()
+            closing.close(rnd)
 
     def evaluate(self, rnd: int, client_ids: list[int], global_params: Params
                  ) -> tuple[list[EvalResult], list[ClientFailure]]:

@@ -141,6 +141,14 @@ class ClientActor:
         if self.start_error is None:
             self.worker.forget_states()
 
+    @ray.method(concurrency_group="control")
+    def close_round(self, rnd: int) -> None:
+        """The driver wants no more results of round `rnd` (deadline mode): a straggler waiting out its
+        extra time stops now, and this actor's queued clients of that round do not start. Runs on the
+        actor's control thread, beside the task in progress."""
+        if self.start_error is None:
+            self.worker.closing.close(rnd)
+
     def ping(self, payload: Any = None) -> int:
         """A no-op task (measures Ray's per-task overhead)."""
         return 0
@@ -196,7 +204,9 @@ def _storage_error(store: CheckpointStore | None, marker: str | None, role: str)
     return None
 
 
-RemoteClientActor = ray.remote(max_restarts=0, max_task_retries=0)(ClientActor)
+# "control": one thread of its own, so close_round reaches an actor busy with a client (the default group
+# still runs the client tasks one at a time, in the order submitted)
+RemoteClientActor = ray.remote(max_restarts=0, max_task_retries=0, concurrency_groups={"control": 1})(ClientActor)
 RemoteServerActor = ray.remote(max_restarts=0, max_task_retries=0)(ServerActor)
 
 

@@ -20,7 +20,8 @@ from fedpgp_ray.runtime.ray.actors import unwrap
 from fedpgp_ray.runtime.ray.faults import FaultPlan
 from fedpgp_ray.runtime.ray.placement import PlacementError
 from fedpgp_ray.storage import StorageError
-from fedpgp_ray.strategy import ClientFailure
+from fedpgp_ray.client import FitResult
+from fedpgp_ray.strategy import ClientFailure, RoundClose
 
 log = logging.getLogger("fedpgp_ray.runtime.ray")
 
@@ -31,6 +32,11 @@ PIPELINE_DEPTH = 2  # tasks in flight per actor: one running, one queued behind 
 UNAVAILABLE_WAIT_S = 90.0
 PROBE_EVERY_S = 2.0
 PLACEMENT_CHECK_S = 5.0  # how often a pending replacement's placement group is looked at
+# Deadline mode: once a round has closed, its running tasks only finish their training (a straggler's wait is
+# cut at once), so a task still running this long after the close is hung: at least 30 s, 3 x the slowest
+# training measured so far (before any is measured, the task timeout).
+CLOSE_GRACE_MIN_S = 30.0
+CLOSE_GRACE_FACTOR = 3.0
 MIN_TASK_TIMEOUT_S = 600.0   # automatic task timeout: never below this (first tasks have no measurement yet)
 TASK_TIMEOUT_FACTOR = 10.0   # ... and 10 x the slowest task completed so far in the run
 
@@ -68,6 +74,7 @@ class ActorPool(Protocol):
     faults: FaultPlan
     task_seq: int
     slowest_task_s: float
+    slowest_compute_s: float  # the slowest fit's training (its `fit_seconds`, without a straggler's wait)
     state_round: dict[int, int]  # client -> the round that last trained it in this session
 
     def slot_of(self, client_id: int) -> int: ...
@@ -75,10 +82,16 @@ class ActorPool(Protocol):
     def replace_actor(self, slot: int) -> Any: ...
 
 
-def dispatch(rt: ActorPool, method: str, rnd: int, client_ids: list[int], global_params: Params
-             ) -> tuple[list[Any], list[ClientFailure], dict[str, float]]:
+def dispatch(rt: ActorPool, method: str, rnd: int, client_ids: list[int], global_params: Params,
+             close: RoundClose | None = None) -> tuple[list[Any], list[ClientFailure], dict[str, float]]:
     """Run `method` ("fit" / "evaluate") for `client_ids` on rt's actors: the results sorted by client id,
-    the clients dropped after too many failed attempts, and the phase's fault counters."""
+    the clients dropped after too many failed attempts, and the phase's fault counters.
+
+    close (fit in deadline mode): once close.target clients reported or close.deadline_s passed, the round
+    closes: every actor is told (a straggler stops waiting), clients not yet started never start, and what
+    comes back afterwards is a late FitResult (`late=True`: discarded, counted by the caller), never retried.
+    The phase still collects its running tasks (they end within their training), so the driver knows every
+    client's newest personal state; one still running CLOSE_GRACE after the close is hung (its actor replaced)."""
     params_ref = ray.put(global_params)  # one copy in the object store per phase, shared by all tasks
     # sticky where it costs nothing, balanced always: no actor gets more than its fair share
     queues = {s: deque(ids) for s, ids in balanced_slots(client_ids, rt.num_actors).items()}
@@ -94,8 +107,31 @@ def dispatch(rt: ActorPool, method: str, rnd: int, client_ids: list[int], global
     probes: dict[Any, int] = {}  # ping of an unavailable actor -> its slot
     reprobe_at: dict[int, float] = {}  # slot -> when to ping its unavailable actor again
     progress = RoundProgress(rnd, method, len(client_ids))
+    late: dict[int, FitResult] = {}
+    closed_at: float | None = None  # when the round closed (deadline mode)
+    close_by = time.monotonic() + close.deadline_s if close is not None and close.deadline_s else math.inf
+    closers: list[Any] = []
+
+    def close_round() -> None:
+        nonlocal closed_at
+        closed_at = time.monotonic()
+        closers.extend(actor.close_round.remote(rnd) for actor in rt.actors)
+        for slot in range(rt.num_actors):
+            submit(slot)  # their queued clients become late
+
+    def discard(client_id: int, result: FitResult | None = None, trained: bool = True) -> None:
+        """A late client: its result (if any) is discarded; if it may have trained, every actor reads its
+        personal state from the store next time (a late client keeps its local update; docs/ASYNC.md)."""
+        late[client_id] = result if result is not None else FitResult(client_id, {}, 0, {}, late=True)
+        late[client_id].late, late[client_id].params = True, {}
+        if trained:
+            rt.state_round[client_id] = rnd
 
     def submit(slot: int) -> None:
+        if closed_at is not None:  # the round closed: the clients still queued never start
+            while queues[slot]:
+                discard(queues[slot].popleft(), trained=False)
+            return
         while slot not in suspect and queues[slot] and sum(t.slot == slot for t in inflight.values()) < PIPELINE_DEPTH:
             cid = queues[slot].popleft()
             ref = getattr(rt.actors[slot], method).remote(cid, rnd, params_ref,
@@ -131,7 +167,11 @@ def dispatch(rt: ActorPool, method: str, rnd: int, client_ids: list[int], global
         reprobe_at.pop(slot, None)
         lost.sort(key=lambda t: t.seq)
         keep = [t.client_id for t in lost[1:]]
-        if lost and (not was_running or charge(lost[0], reason)):
+        if closed_at is not None:  # the round closed: its clients are late, not retried nor charged
+            for t in lost:
+                discard(t.client_id)
+            keep = []
+        elif lost and (not was_running or charge(lost[0], reason)):
             keep.insert(0, lost[0].client_id)
         queues[slot].extendleft(reversed(keep))
         private = rt.cfg.privacy.enabled or rt.cfg.secagg.enabled  # DP / SecAgg: counts, never client ids
@@ -211,13 +251,23 @@ def dispatch(rt: ActorPool, method: str, rnd: int, client_ids: list[int], global
 
     for slot in range(rt.num_actors):
         submit(slot)
+    def hung_at(since: float, limit: float) -> float:
+        """When a task running since `since` counts as hung: `limit` later, or CLOSE_GRACE after the close."""
+        if closed_at is None:
+            return since + limit
+        grace = limit if rt.slowest_compute_s == 0 else max(CLOSE_GRACE_MIN_S,
+                                                             CLOSE_GRACE_FACTOR * rt.slowest_compute_s)
+        return min(since + limit, max(since, closed_at) + grace)
+
     while inflight or suspect:
         limit = task_timeout(rt.rc.task_timeout_s, rt.slowest_task_s)
         # a replacement actor's start-up (process, backbone, features) is not a client task: it gets
         # at least the automatic floor, so a loaded node does not make every replacement "hang"
         startup_limit = max(limit, MIN_TASK_TIMEOUT_S)
         running = [r for r in map(running_since, range(rt.num_actors)) if r is not None]
-        deadlines = [since + limit for _, since in running] + [since + startup_limit for _, since in starting.values()]
+        deadlines = [hung_at(since, limit) for _, since in running]
+        deadlines += [since + startup_limit for _, since in starting.values()]
+        deadlines += [close_by] if closed_at is None and close_by < math.inf else []
         deadlines += [*reprobe_at.values(), *(since + UNAVAILABLE_WAIT_S for since, _ in suspect.values())]
         deadlines += [since + rt.rc.placement_timeout_s + PLACEMENT_CHECK_S
                       for ref, (_, since) in starting.items() if ref not in placed]
@@ -231,6 +281,10 @@ def dispatch(rt: ActorPool, method: str, rnd: int, client_ids: list[int], global
             continue
         if not ready:
             now = time.monotonic()
+            if closed_at is None and now >= close_by:
+                log.info("round %d: deadline of %.3g s reached with %d of %d clients reported", rnd,
+                         close.deadline_s, len(results), close.target)
+                close_round()
             check_placement(now)
             for slot in [s for s, at in reprobe_at.items() if at <= now]:
                 probe(slot)
@@ -238,8 +292,8 @@ def dispatch(rt: ActorPool, method: str, rnd: int, client_ids: list[int], global
                 ray.kill(rt.actors[slot], no_restart=True)
                 lose_actor(slot, [], f"unreachable for {UNAVAILABLE_WAIT_S:.0f} s during {method} of round {rnd}")
                 submit(slot)
-            hung = [(task.slot, f"{method} of client {task.client_id}", limit, True) for task, since in running
-                    if now - since > limit]
+            hung = [(task.slot, f"{method} of client {task.client_id}", hung_at(since, limit) - since, True)
+                    for task, since in running if now > hung_at(since, limit)]
             hung += [(slot, "its start-up", startup_limit, False) for slot, since in starting.values()
                      if now - since > startup_limit]
             for slot, what, seconds, was_running in hung:
@@ -254,9 +308,17 @@ def dispatch(rt: ActorPool, method: str, rnd: int, client_ids: list[int], global
         ref = ready[0]
         task = inflight.pop(ref)
         try:
-            results[task.client_id] = ray.get(ref)
-            if method == "fit":  # later tasks tell any actor which state is current (ClientWorker.state)
-                rt.state_round[task.client_id] = rnd
+            result = ray.get(ref)
+            if method == "fit" and "fit_seconds" in result.metrics:
+                rt.slowest_compute_s = max(rt.slowest_compute_s, result.metrics["fit_seconds"])
+            if closed_at is not None or getattr(result, "late", False):
+                discard(task.client_id, result, trained="steps" in result.metrics)
+            else:
+                results[task.client_id] = result
+                if method == "fit":  # later tasks tell any actor which state is current (ClientWorker.state)
+                    rt.state_round[task.client_id] = rnd
+                if close is not None and len(results) >= close.target:
+                    close_round()
             progress.client_done(len(results))
             now = time.monotonic()
             rt.slowest_task_s = max(rt.slowest_task_s, now - max(task.submitted, slot_free_at[task.slot]))
@@ -281,9 +343,23 @@ def dispatch(rt: ActorPool, method: str, rnd: int, client_ids: list[int], global
             cause = unwrap(err) if isinstance(err, RayTaskError) else err
             if isinstance(cause, StorageError):  # unshared storage, a lost client state: never retried
                 raise cause from None
-            if charge(task, f"{method} raised {type(cause).__name__}: {cause}".splitlines()[0]):
+            if closed_at is not None:
+                discard(task.client_id)
+            elif charge(task, f"{method} raised {type(cause).__name__}: {cause}".splitlines()[0]):
                 queues[task.slot].appendleft(task.client_id)
         submit(task.slot)
     counters["clients_failed"] = float(len(failures))
+    _settle(closers)
+    results.update(late)
     done = [results[c] for c in sorted(results)]
     return done, [failures[c] for c in sorted(failures)], counters
+
+
+def _settle(closers: list[Any]) -> None:
+    """Collect the round-closing calls that have answered (one to a dead actor fails: nothing to do)."""
+    ready, _ = ray.wait(closers, num_returns=len(closers), timeout=0) if closers else ([], [])
+    for ref in ready:
+        try:
+            ray.get(ref)
+        except RayError:
+            pass

@@ -23,7 +23,7 @@ from fedpgp_ray.runtime.ray.dispatch import dispatch, task_timeout
 from fedpgp_ray.runtime.ray.faults import FAULTS_ENV, FaultPlan
 from fedpgp_ray.runtime.ray.placement import GpuFallbackWarning, actor_bundle, connect, gpus_per_actor, place_actors
 from fedpgp_ray.runtime.ray.server_proxy import ServerProxy
-from fedpgp_ray.strategy import ClientFailure, FedAvgStrategy
+from fedpgp_ray.strategy import ClientFailure, FedAvgStrategy, RoundClose
 
 log = logging.getLogger("fedpgp_ray.runtime.ray")
 
@@ -53,6 +53,7 @@ class RayRuntime(Runtime):
         self._counters: dict[str, dict[str, float]] = {}
         self.task_seq = 0  # client tasks submitted in this run (orders an actor's tasks)
         self.slowest_task_s = 0.0  # the slowest client task completed in this run (automatic task timeout)
+        self.slowest_compute_s = 0.0  # the slowest fit's training in this run (deadline mode's close grace)
         self.state_round: dict[int, int] = {}  # client -> the round that last trained it (sent with its tasks)
         self.marker: str | None = None
         self.owns_ray = connect(self.rc, self.num_actors)
@@ -156,9 +157,9 @@ class RayRuntime(Runtime):
         self.server_actor = RemoteServerActor.options(
             num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node, soft=False)).remote()
 
-    def fit(self, rnd: int, client_ids: list[int], global_params: Params
+    def fit(self, rnd: int, client_ids: list[int], global_params: Params, close: RoundClose | None = None
             ) -> tuple[list[FitResult], list[ClientFailure]]:
-        return self._phase("fit", rnd, client_ids, global_params)
+        return self._phase("fit", rnd, client_ids, global_params, close)
 
     def evaluate(self, rnd: int, client_ids: list[int], global_params: Params
                  ) -> tuple[list[EvalResult], list[ClientFailure]]:
@@ -217,8 +218,9 @@ class RayRuntime(Runtime):
             out["eval_clients_failed"] = counters.get("clients_failed", 0.0)
         return out
 
-    def _phase(self, method: str, rnd: int, client_ids: list[int], global_params: Params):
-        results, failures, self._counters[method] = dispatch(self, method, rnd, client_ids, global_params)
+    def _phase(self, method: str, rnd: int, client_ids: list[int], global_params: Params,
+               close: RoundClose | None = None):
+        results, failures, self._counters[method] = dispatch(self, method, rnd, client_ids, global_params, close)
         return results, failures
 
     def replace_actor(self, slot: int) -> Any:
