@@ -90,6 +90,39 @@ def accuracy_figure(doc: dict[str, Any]):
     return fig
 
 
+def hm3_wall_time_figure(docs: dict[str, list[dict[str, Any]]], title: str):
+    """HM3 (%) against the training wall time (s, evaluation phases excluded: `train_wall_seconds`) of each
+    evaluated round: one line per run, one colour per label of `docs` (label -> results documents)."""
+    fig = _figure(7.4, 4.0)
+    ax = fig.add_subplot(1, 1, 1)
+    for index, (label, runs) in enumerate(docs.items()):
+        for number, doc in enumerate(runs):
+            points = [(_number(r["metrics"].get("train_wall_seconds")), _number(r["metrics"].get("hm3")))
+                      for r in evaluated_rounds(doc)]
+            points = [(x, y) for x, y in points if x is not None and y is not None]
+            if points:
+                xs, ys = zip(*points)
+                ax.plot(xs, ys, marker="o", markersize=3, color=f"C{index}", alpha=0.8,
+                        label=label if number == 0 else None)
+    ax.set_xlabel("training wall time (s, evaluation excluded)")
+    ax.set_ylabel("HM3 (%)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+def hm3_wall_time(doc: dict[str, Any], path: str | Path) -> Path:
+    """HM3 against wall time of one run (time-to-accuracy) as a PNG at `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    hm3_wall_time_figure({doc.get("runtime", "run"): [doc]}, f"HM3 against wall time: {_title(doc)}").savefig(
+        path, format="png")
+    return path
+
+
 def client_bars(doc: dict[str, Any], path: str | Path) -> Path:
     """Grouped bars of each client's final Local / Base / Novel accuracy (%); beyond the clients a
     results document lists (client_results.MAX_LISTED_CLIENTS), their distribution instead."""
@@ -230,6 +263,8 @@ def write_results_tables(doc: dict[str, Any], directory: str | Path) -> list[Pat
 
 
 def write_figures(doc: dict[str, Any], directory: str | Path) -> list[Path]:
-    """accuracy.png (curves per round) and clients.png (final per-client bars) in `directory`."""
+    """accuracy.png (curves per round), hm3_wall_time.png (HM3 against wall time) and clients.png (final
+    per-client bars) in `directory`."""
     directory = Path(directory)
-    return [accuracy_curves(doc, directory / "accuracy.png"), client_bars(doc, directory / "clients.png")]
+    return [accuracy_curves(doc, directory / "accuracy.png"), hm3_wall_time(doc, directory / "hm3_wall_time.png"),
+            client_bars(doc, directory / "clients.png")]

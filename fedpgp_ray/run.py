@@ -204,7 +204,7 @@ def write_client_results(storage: RunStorage, store: Any) -> None:
 
 
 def write_report(storage: RunStorage, results: dict[str, Any]) -> None:
-    """results.csv, results.md, rounds.csv, accuracy.png and clients.png beside results.json, with
+    """results.csv, results.md, rounds.csv, accuracy.png, hm3_wall_time.png and clients.png beside results.json, with
     tracking on or off (staged locally: the run directory may be an object store)."""
     from fedpgp_ray import plots
 

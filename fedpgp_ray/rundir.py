@@ -47,7 +47,7 @@ LOCK_FILE = ".fedpgp-run.lock"  # held (flock) by the process running in the dir
 # backbone record): `--overwrite` removes these and nothing else, since output_dir may be a folder that
 # holds other things (even `.`). The default MLflow store (mlflow.db) lives in the parent folder.
 RUN_FILES = (RECORD_FILE, CONFIG_FILE, "results.json", "results.csv", "results.md", "rounds.csv", "accuracy.png",
-             "clients.png", "mlflow_run.json", "backbone.json")
+             "hm3_wall_time.png", "clients.png", "mlflow_run.json", "backbone.json")
 RUN_FOLDERS = ("checkpoints",)
 # Defaults that changed: what runs made before the key existed did (a hint when resuming such a run).
 EARLIER_BEHAVIOUR = {"data.partition_seed": None, "data.local_test": "classes", "data.few_shot_pool": "train+val"}

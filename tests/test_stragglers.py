@@ -10,6 +10,7 @@ import pytest
 from fedpgp_ray.client_speed import RoundClosing, SpeedModel, speed_factors
 from fedpgp_ray.config import ClientSpeedConfig, ConfigError, config_from_dict
 from fedpgp_ray.federation import run_federation
+from fedpgp_ray.plots import write_figures
 from fedpgp_ray.runtime.local import LocalRuntime
 from fedpgp_ray.strategy import FedAvgStrategy, RoundClose, RoundFailedError, sample_clients
 from tests.conftest import make_cfg
@@ -129,3 +130,15 @@ def test_too_few_reporting_by_the_deadline_fails_the_round_loudly(tmp_path):
         run_federation(cfg, rt)  # the first client is cut at the deadline, the others never start
     assert "only 0 clients reported, fewer than federation.min_reporting_clients=2" in str(err.value)
     assert "3 more were late (federation.round_deadline_s=3.0" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_deadline_no_round_reaches_changes_nothing(tmp_path):
+    results = {}
+    for name, extra in (("sync", []), ("deadline", ["federation.round_deadline_s=1000"])):
+        cfg = make_cfg(tmp_path / name, ["train.rounds=2", *extra])
+        with LocalRuntime(cfg, None, None) as rt:
+            results[name] = run_federation(cfg, rt)
+    assert results["deadline"]["final"] == results["sync"]["final"]
+    assert results["deadline"]["rounds"][2]["metrics"]["clients_late"] == 0
+    paths = write_figures(results["deadline"], tmp_path / "figures")
+    assert (tmp_path / "figures" / "hm3_wall_time.png") in paths and paths[1].stat().st_size > 0

@@ -219,6 +219,10 @@ def experiment_config_from_args(args: Any) -> ExperimentConfig:
     if cfg.secagg.enabled:
         raise FedMLConfigError("FedML config: fedpgp_config.secagg.enabled is not supported on FedML (its transport "
                                "has no SecAgg stages): use fedpgp-ray's in-process or Ray runtime, or set it to false")
+    if cfg.federation.round_deadline_s is not None or cfg.federation.over_selection > 0:
+        raise FedMLConfigError("FedML config: fedpgp_config.federation.round_deadline_s / over_selection are not "
+                               "supported on FedML (its rounds wait for every silo): use fedpgp-ray's in-process or "
+                               "Ray runtime, or remove them")
     return cfg
 
 

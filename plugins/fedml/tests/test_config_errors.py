@@ -66,6 +66,15 @@ def test_unknown_fedpgp_config_key(registered):
         _load(registered, cfg)
 
 
+@pytest.mark.parametrize("key, value", [("round_deadline_s", 10), ("over_selection", 0.3)])
+def test_deadline_mode_is_refused_in_one_line(registered, key, value):
+    cfg = small_config()
+    cfg["fedpgp_args"]["fedpgp_config"]["federation"] = {key: value}
+    with pytest.raises(registered.FedMLConfigError, match="round_deadline_s / over_selection are not supported") as err:
+        _load(registered, cfg)
+    assert "\n" not in str(err.value)
+
+
 def test_mpi_backend_is_refused_clearly(registered):
     import fedml
 
