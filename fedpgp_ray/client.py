@@ -400,8 +400,8 @@ class ClientWorker:
             self._secagg_updates[client_id] = flat_update(upload, {k: global_params[k].detach().cpu() for k in upload})
             upload = {}
         if self.speed.enabled:
-            waited = self.closing.wait(rnd, self.speed.extra_seconds(client_id, metrics["fit_seconds"]))
-            metrics["straggle_seconds"] = waited
+            extra = self.speed.extra_seconds(client_id, metrics["fit_seconds"])
+            metrics["straggle_seconds"] = self.closing.wait(rnd, extra) if extra > 0 else 0.0
         if self.closing.closed(rnd):
             return FitResult(client_id, {}, n, metrics, late=True)
         return FitResult(client_id, upload, n, metrics)
