@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     cache = base / "features"
     env_vars = {"FEDPGP_CACHE_DIR": str(cache), "OMP_WAIT_POLICY": os.environ["OMP_WAIT_POLICY"]}
     results: dict[str, list[dict]] = {"b_shared": [], "c_s3": [], "l_in_process": []}
-    cluster = TwoNodeCluster(base)
+    cluster = TwoNodeCluster(base, workers=1)  # the setup measured in docs/RAY.md: head + one worker
     began = time.monotonic()
     try:
         cluster.start()

@@ -1,10 +1,18 @@
-"""The quickstart on a real two-node Ray cluster (this machine; see tests/two_node_cluster.py), token auth on.
+"""The quickstart on a real Ray cluster on this machine (see tests/two_node_cluster.py): a 0-CPU head and two
+worker nodes, each with its own address (10.77.0.x) in a network namespace the test made and its own mount
+namespace, token auth on.
 
 (a) run directory on a path the worker node does not share -> the job FAILS before training with one
     clear line (node, path, fix);
 (b) run directory on a path both nodes see -> SUCCEEDS with all 10 clients' states and the MLflow artifacts;
 (c) s3:// run directory (moto on 127.0.0.1) -> SUCCEEDS with the same final metrics as (b);
-(d) a client actor on the worker node killed mid-round -> replaced, final metrics equal (b)'s.
+(d) a client actor on the worker node killed mid-round -> replaced, final metrics equal (b)'s;
+(e) each worker NODE killed in turn mid-round (its raylet's process group) -> the same job finishes with (b)'s
+    final metrics; one node loss = one restart per lost actor, one attempt per client it was running; the
+    server actor stays on the head;
+(f) a worker node killed with no spare node -> the round fails in one line naming the missing resources and the
+    fix after runtime.placement_timeout_s, the job and its MLflow run end FAILED; `--resume` once nodes are back
+    finishes with (b)'s final metrics.
 
 One cluster serves the module. Jobs run the quickstart (10 clients) shortened to 2 rounds of 1 epoch.
 """
@@ -12,15 +20,18 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sqlite3
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
 
+from processes import stop_group
 from s3_server import S3_ENV, make_bucket, moto_server, s3_uri
-from two_node_cluster import TwoNodeCluster
+from two_node_cluster import HEAD_IP, TwoNodeCluster
 
 pytestmark = pytest.mark.slow
 
@@ -71,7 +82,7 @@ def test_a_unshared_run_directory_fails_before_training_with_one_clear_line(clus
     errors = {line for line in job.stdout.splitlines() if line.startswith("error:")}  # Ray repeats the log tail
     assert len(errors) == 1, job.stdout[-4000:]
     (line,) = errors
-    assert line.startswith("error: client actor on node 127.0.0.1 (node id ")
+    assert re.match(r"error: client actor on node 10\.77\.0\.[23] \(node id ", line), line
     assert f"the run storage marker {out}/checkpoints/storage_marker.json that the driver wrote does not exist there" \
         in line
     assert "filesystem every node mounts" in line and "s3://" in line
@@ -134,3 +145,106 @@ def test_d_actor_killed_on_the_worker_mid_round_is_replaced_and_metrics_match(cl
             assert (key in a["metrics"]) == (key in b["metrics"])
             if key in a["metrics"]:
                 assert a["metrics"][key] == pytest.approx(b["metrics"][key], rel=1e-5, abs=1e-4)
+
+
+def wait_until(check, what: str, job, log: Path, timeout: float = 600, every: float = 0.1):
+    """check()'s first truthy value, polled while the job runs."""
+    deadline = time.monotonic() + timeout
+    while not (value := check()):
+        assert job.poll() is None, f"the job ended before {what}: {log.read_text()[-4000:]}"
+        assert time.monotonic() < deadline, f"no {what} after {timeout:.0f} s: {log.read_text()[-4000:]}"
+        time.sleep(every)
+    return value
+
+
+def client_states(out: Path, rnd: int) -> list[Path]:
+    """The client states written in round `rnd` so far: one appears as each client's fit ends (mid-round)."""
+    return list(out.glob(f"checkpoints/clients/*/round_{rnd}.pt"))
+
+
+def restore_workers(cluster) -> None:
+    """Bring every worker node back for the next test."""
+    for index in range(cluster.num_workers):
+        if index not in cluster.workers:
+            cluster.start_worker(index)
+
+
+def test_e_each_worker_node_lost_mid_round_in_turn_same_job_equal_metrics(cluster, env_vars, shared_run):
+    out = cluster.shared / "e"
+    # Fits of rounds 1 and 2 first sleep 1 s (training unchanged): each round lasts long enough that the
+    # kill lands mid-fit. placement_timeout_s: the second loss leaves no spare node until the first is back.
+    job, log = cluster.submit_background(
+        "e-node-loss", entrypoint(str(out), "--set", "tracking.mlflow=false",
+                                  "--set", "runtime.placement_timeout_s=300"),
+        {**env_vars, "FEDPGP_RAY_FAULTS": json.dumps({"slow": [[1, 1.0], [2, 1.0]]})})
+    try:
+        placed = wait_until(lambda: (ips := cluster.actor_ips("ClientActor")) and len(ips) == 2 and ips,
+                            "2 client actors", job, log, every=1)
+        assert cluster.actor_ips("ServerActor") == [HEAD_IP]  # hard affinity: the driver's node
+        first = max(range(2), key=lambda i: placed.count(cluster.worker_ip(i)))
+        lost_first = placed.count(cluster.worker_ip(first))
+        wait_until(lambda: client_states(out, 1), "round 1 mid-fit", job, log)
+        killed = {1: cluster.kill_worker(first)}   # round 1: every actor of that node is lost
+        wait_until(lambda: client_states(out, 2), "round 2 mid-fit", job, log)
+        killed[2] = cluster.kill_worker(1 - first)  # round 2: the other node, which now holds both actors
+        cluster.start_worker(first, wait=False)     # capacity comes back while the replacements wait for it
+        assert job.wait(timeout=900) == 0, log.read_text()[-4000:]
+        ended = time.monotonic()
+    finally:
+        if job.poll() is None:
+            stop_group(job, 30)
+        restore_workers(cluster)
+    text = log.read_text()
+    assert cluster.job_status("e-node-loss") == "SUCCEEDED"
+    doc = json.loads((out / "results.json").read_text())
+    one, two = doc["rounds"][1]["metrics"], doc["rounds"][2]["metrics"]
+    # one node loss = one restart per actor on it, one attempt for the client each was running
+    assert (one["actor_restarts"], one["client_retries"]) == (lost_first, lost_first), one
+    assert (two["actor_restarts"], two["client_retries"]) == (2, 2), two
+    for m in (one, two):
+        assert m["clients_reported"] == 10 and m["clients_failed"] == 0 and m["state_reinits"] == 0
+        assert m.get("eval_actor_restarts", 0) == 0
+    assert doc["final"] == pytest.approx(shared_run["doc"]["final"], rel=1e-5, abs=1e-4)
+    # warm replacements: features read from the shared cache, never encoded again
+    ready = [line for line in text.splitlines() if "replacement client actor" in line]
+    assert len(ready) == lost_first + 2 and all("read from the cache" in line for line in ready), ready
+    assert "Traceback" not in text
+    print(f"\n[e] round seconds {[r['metrics'].get('round_seconds') for r in doc['rounds']]} vs unfaulted "
+          f"{[r['metrics'].get('round_seconds') for r in shared_run['doc']['rounds']]}; lost {lost_first} then 2 "
+          f"actors; job ended {ended - killed[2]:.0f} s after the second kill", *ready, sep="\n")
+
+
+def test_f_node_lost_without_spare_capacity_fails_in_one_line_then_resume(cluster, env_vars, shared_run):
+    out = cluster.shared / "f"
+    db = cluster.shared / "mlflow-f.db"
+    cluster.stop_worker(1)  # one worker left: losing it leaves no node for the replacements
+    env = {**env_vars, "MLFLOW_TRACKING_URI": f"sqlite:///{db}"}
+    try:
+        job, log = cluster.submit_background(
+            "f-no-capacity", entrypoint(str(out), "--set", "runtime.placement_timeout_s=20"),
+            {**env, "FEDPGP_RAY_FAULTS": json.dumps({"slow": [[1, 1.0]]})})
+        wait_until(lambda: client_states(out, 1), "round 1 mid-fit", job, log)
+        killed = cluster.kill_worker(0)
+        code = job.wait(timeout=900)
+        failed_after = time.monotonic() - killed
+        text = log.read_text()
+        assert code != 0 and cluster.job_status("f-no-capacity") == "FAILED", text[-4000:]
+        errors = {line for line in text.splitlines() if line.startswith("error:")}
+        assert len(errors) == 1, text[-4000:]
+        (line,) = errors
+        assert line.startswith("error: round 1: cannot place a replacement for client actor "), line
+        assert "{'CPU': 1.0}" in line and "runtime.placement_timeout_s=20s" in line, line
+        assert f"fedpgp-ray run --resume {out}" in line and "Add a node" in line, line
+        assert "Traceback" not in text
+        from mlflow import MlflowClient
+        run_id = json.loads((out / "mlflow_run.json").read_text())["run_id"]
+        assert MlflowClient(tracking_uri=f"sqlite:///{db}").get_run(run_id).info.status == "FAILED"
+        print(f"\n[f] failed {failed_after:.0f} s after the node was killed:\n{line}")
+    finally:
+        restore_workers(cluster)
+    resumed = cluster.submit("f-resume", ["python", "-m", "fedpgp_ray.run", "--resume", str(out), "--no-progress"],
+                             env)
+    assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-4000:]
+    doc = json.loads((out / "results.json").read_text())
+    assert [r["round"] for r in doc["rounds"]] == [0, 1, 2]
+    assert doc["final"] == pytest.approx(shared_run["doc"]["final"], rel=1e-5, abs=1e-4)

@@ -114,13 +114,16 @@ class ClientActor:
 
     def fit(self, client_id: int, rnd: int, global_params: Params, fault: str | None = None,
             state_round: int | None = None) -> FitResult:
-        """Train one client. fault: injected failure ("exit": the process dies, "fail": raise)."""
+        """Train one client. fault: injected failure ("exit": the process dies, "fail": raise, "hang",
+        "sleep S": wait S seconds, then train)."""
         if fault == "exit":
             os._exit(1)  # a crashed worker process, mid-round
         if fault == "fail":
             raise RuntimeError(f"injected failure of client {client_id} (FaultPlan.fail)")
         if fault == "hang":
             time.sleep(10**6)  # alive but stuck (a deadlock, a hung filesystem): only a timeout ends it
+        if fault and fault.startswith("sleep "):
+            time.sleep(float(fault.split()[1]))
         if self.start_error is not None:
             raise self.start_error
         return self.worker.fit(client_id, rnd, global_params, state_round)

@@ -215,7 +215,8 @@ def dispatch(rt: ActorPool, method: str, rnd: int, client_ids: list[int], global
         submit(slot)
 
     def started(ref: Any) -> None:
-        """A replacement actor finished its start-up: say in one line if it had to encode images."""
+        """A replacement actor finished its start-up: one line saying where and how fast, and why if it had to
+        encode images."""
         slot, since = starting.pop(ref)
         placed.discard(ref)
         slot_free_at[slot] = time.monotonic()  # started (or died: its tasks will say so)
@@ -228,6 +229,9 @@ def dispatch(rt: ActorPool, method: str, rnd: int, client_ids: list[int], global
                    f"{info['encoded_images']} images in {time.monotonic() - since:.0f} s: that node's feature cache "
                    f"({info.get('cache_dir') or 'none'}) lacked them; give every node the same FEDPGP_CACHE_DIR "
                    f"on shared storage (or warm each node's cache: fedpgp-ray cache) so replacements start warm")
+        else:
+            status(f"round {rnd}: replacement client actor {slot} ready on node {info.get('node_ip', '?')} in "
+                   f"{time.monotonic() - since:.0f} s (image features read from the cache {info.get('cache_dir')})")
 
     def check_placement(now: float) -> None:
         """PlacementError (one line) when a replacement's bundle is still unplaced after

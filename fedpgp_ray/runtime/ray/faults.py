@@ -22,6 +22,9 @@ class FaultPlan:
     kill_after_fit, kill_after_evaluate: (round, client) pairs: once that client's fit (evaluate)
         result has arrived, the driver `ray.kill`s the actor that served it (a `kill -9` of an actor
         that holds finished clients); its next task fails and a replacement restores from the store.
+    slow: round -> seconds: every fit of that round first sleeps that long (JSON: [[round, seconds]]). It
+        holds a round open so that a fault from outside (a test killing a node) lands mid-round; the
+        training itself is unchanged.
     """
     kill: set[tuple[int, int]] = field(default_factory=set)
     exit: set[tuple[int, int]] = field(default_factory=set)
@@ -33,6 +36,7 @@ class FaultPlan:
     kill_after_fit: set[tuple[int, int]] = field(default_factory=set)
     kill_after_evaluate: set[tuple[int, int]] = field(default_factory=set)
     fired_after: set[tuple[str, int, int]] = field(default_factory=set)  # kill_after_* already done
+    slow: dict[int, float] = field(default_factory=dict)
 
     @classmethod
     def from_json(cls, text: str | None) -> "FaultPlan":
@@ -41,7 +45,8 @@ class FaultPlan:
                    fail=set(data.get("fail", [])), hang={tuple(p) for p in data.get("hang", [])},
                    secagg_kill={tuple(p) for p in data.get("secagg_kill", [])},
                    kill_after_fit={tuple(p) for p in data.get("kill_after_fit", [])},
-                   kill_after_evaluate={tuple(p) for p in data.get("kill_after_evaluate", [])})
+                   kill_after_evaluate={tuple(p) for p in data.get("kill_after_evaluate", [])},
+                   slow={int(r): float(s) for r, s in data.get("slow", [])})
 
     def kill_after(self, method: str, rnd: int, client_id: int) -> bool:
         """Whether to kill the actor that just returned this client's `method` result (once per pair)."""
@@ -59,4 +64,6 @@ class FaultPlan:
             return "exit"
         if attempt == 0 and (rnd, client_id) in self.hang:
             return "hang"
-        return "fail" if client_id in self.fail else None
+        if client_id in self.fail:
+            return "fail"
+        return f"sleep {self.slow[rnd]}" if rnd in self.slow else None
