@@ -262,6 +262,8 @@ class FederationConfig:
         arrive later are discarded and counted (`clients_late`), not dropped (null: wait for every client).
     over_selection: sample ceil((1 + over_selection) m) clients instead of m = floor(client_fraction K) and
         aggregate the first m to report (Bonawitz et al. 2019); the rest are discarded as late (0: off).
+    mode: "sync" (rounds: sample, train, aggregate) or "async" (FedBuff: clients train continuously, the
+        server steps every fedbuff.buffer_size updates; docs/ASYNC.md).
     """
     num_clients: int = _f(10, lo=1)
     client_fraction: float = _f(1.0, lo=0.0, hi=1.0, lo_open=True)
@@ -269,6 +271,7 @@ class FederationConfig:
     allow_dropped_clients: bool = _f(False)
     round_deadline_s: float | None = _f(None, lo=0.0, lo_open=True)
     over_selection: float = _f(0.0, lo=0.0, hi=10.0)
+    mode: str = _f("sync", choices=("sync", "async"))
 
 
 @dataclass
@@ -407,6 +410,31 @@ class SecAggConfig:
 
 
 @dataclass
+class FedBuffConfig:
+    """Buffered asynchronous aggregation (FedBuff, Nguyen et al. 2022), used when federation.mode is
+    "async" (docs/ASYNC.md).
+
+    buffer_size: K, client updates per server step. concurrency: clients training at once (null:
+        runtime.num_actors), at most federation.num_clients.
+    max_staleness: an update trained from a global prompt more than this many server steps old is dropped.
+    staleness: weight w(s) of an update of staleness s: "sqrt" 1/sqrt(1+s), "constant" 1, "polynomial"
+        (1+s)^-staleness_exponent.
+    server_lr: eta; a step sets global += eta * sum_i w(s_i) delta_i / K over the K buffered updates.
+    server_steps: the run's length (null: ceil(train.rounds * m / K), m = clients sampled per synchronous
+        round: as many applied client updates as the synchronous run of the same config trains).
+    eval_every_steps: evaluate every N server steps, and at step 0 and the last (null: evaluation.every).
+    """
+    buffer_size: int = _f(5, lo=1)
+    concurrency: int | None = _f(None, lo=1)
+    max_staleness: int = _f(10, lo=0)
+    staleness: str = _f("sqrt", choices=("sqrt", "constant", "polynomial"))
+    staleness_exponent: float = _f(0.5, lo=0.0)
+    server_lr: float = _f(1.0, lo=0.0, lo_open=True)
+    server_steps: int | None = _f(None, lo=1)
+    eval_every_steps: int | None = _f(None, lo=1)
+
+
+@dataclass
 class ExperimentConfig:
     """One federated experiment. output_dir is made absolute at load time."""
     seed: int = _f(0, lo=0)
@@ -422,6 +450,7 @@ class ExperimentConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     secagg: SecAggConfig = field(default_factory=SecAggConfig)
+    fedbuff: FedBuffConfig = field(default_factory=FedBuffConfig)
 
 
 def _describe(check: dict[str, Any]) -> str:
@@ -539,6 +568,7 @@ def config_from_dict(data: dict[str, Any], overrides: list[str] = (), base_dir: 
             raise ConfigError(f"config key '{section}.{changed[0]}' is set but {section}.enabled is false: it would "
                               f"have no effect; set {section}.enabled=true or remove it")
     _check_speed_and_deadline(cfg)
+    _check_async(cfg)
     per_round = max(int(math.floor(cfg.federation.client_fraction * cfg.federation.num_clients)), 1)
     if cfg.secagg.enabled and not cfg.privacy.enabled and cfg.secagg.min_survivors > per_round:
         raise ConfigError(f"config key 'secagg.min_survivors' = {cfg.secagg.min_survivors} is out of range: must be "
@@ -578,6 +608,34 @@ def _check_speed_and_deadline(cfg: ExperimentConfig) -> None:
         raise ConfigError(f"config key '{deadline}' cannot be used with privacy.enabled or secagg.enabled: keeping "
                           f"the first clients to report makes who is aggregated depend on speed, which the privacy "
                           f"accounting and the SecAgg round do not model (docs/PRIVACY.md); remove it")
+
+
+def _check_async(cfg: ExperimentConfig) -> None:
+    """federation.mode async: the fedbuff section applies, DP and SecAgg are refused (docs/PRIVACY.md)."""
+    fb, fed = cfg.fedbuff, cfg.federation
+    if fed.mode != "async":
+        changed = [f.name for f in dataclasses.fields(fb) if getattr(fb, f.name) != getattr(FedBuffConfig(), f.name)]
+        if changed:
+            raise ConfigError(f"config key 'fedbuff.{changed[0]}' is set but federation.mode is 'sync': it would have "
+                              f"no effect; set federation.mode=async or remove it")
+        return
+    if cfg.privacy.enabled:
+        raise ConfigError("federation.mode async with privacy.enabled is refused: the DP accountant assumes every "
+                          "round Poisson-samples clients independently, which asynchronous training does not do "
+                          "(who trains next depends on who finished); use federation.mode: sync (docs/PRIVACY.md)")
+    if cfg.secagg.enabled:
+        raise ConfigError("federation.mode async with secagg.enabled is refused: SecAgg unmasks only the sum of a "
+                          "cohort that runs the protocol together, and FedBuff's buffer takes updates one at a time "
+                          "from clients of different global versions; use federation.mode: sync (docs/PRIVACY.md)")
+    if fed.round_deadline_s is not None or fed.over_selection > 0:
+        raise ConfigError("config keys 'federation.round_deadline_s' and 'federation.over_selection' are for "
+                          "synchronous rounds: federation.mode async never waits for a round; remove them")
+    if fb.concurrency is not None and fb.concurrency > fed.num_clients:
+        raise ConfigError(f"config key 'fedbuff.concurrency' = {fb.concurrency} is out of range: must be <= "
+                          f"federation.num_clients ({fed.num_clients}): a client trains one task at a time")
+    if fb.staleness_exponent != FedBuffConfig().staleness_exponent and fb.staleness != "polynomial":
+        raise ConfigError(f"config key 'fedbuff.staleness_exponent' is set but fedbuff.staleness is "
+                          f"{fb.staleness!r}: it only applies to 'polynomial'; set fedbuff.staleness=polynomial")
 
 
 def packaged_configs() -> list[str]:

@@ -13,6 +13,7 @@ from fedpgp_ray.algorithms import Params, build_algorithm
 from fedpgp_ray.checkpoint import CheckpointStore, ClientStateRollback
 from fedpgp_ray.client_results import accuracy_summary, listed
 from fedpgp_ray.config import ExperimentConfig, config_to_dict
+from fedpgp_ray.fedbuff import server_steps
 from fedpgp_ray.runtime.base import Runtime
 from fedpgp_ray.secagg.protocol import STAGES as SECAGG_STAGES
 from fedpgp_ray.client import FitResult
@@ -77,8 +78,11 @@ def build_strategy(cfg: ExperimentConfig) -> FedAvgStrategy:
 
 
 def num_rounds(cfg: ExperimentConfig) -> int:
-    """Training rounds; zero-shot CLIP trains nothing, so it only has the round-0 evaluation."""
-    return cfg.train.rounds if build_algorithm(cfg.algorithm).trains else 0
+    """Training rounds (server steps in federation.mode async); zero-shot CLIP trains nothing, so it only
+    has the round-0 evaluation."""
+    if not build_algorithm(cfg.algorithm).trains:
+        return 0
+    return server_steps(cfg) if cfg.federation.mode == "async" else cfg.train.rounds
 
 
 def run_federation(cfg: ExperimentConfig, runtime: Runtime, store: CheckpointStore | None = None,
@@ -88,6 +92,9 @@ def run_federation(cfg: ExperimentConfig, runtime: Runtime, store: CheckpointSto
     The strategy picks clients, the runtime runs them, the server (in-process or an actor,
     as the runtime decides) aggregates and checkpoints, listeners observe.
     """
+    if cfg.federation.mode == "async":
+        raise ValueError("run_federation runs synchronous rounds: run federation.mode async with "
+                         "fedpgp_ray.async_rounds.run_async_federation")
     strategy = build_strategy(cfg)
     if strategy.stop_message:
         log.warning("%s", strategy.stop_message)

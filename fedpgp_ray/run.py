@@ -151,6 +151,7 @@ def check_request(cfg: ExperimentConfig, resume: bool = False) -> None:
 def _run_in_dir(cfg: ExperimentConfig, resume: bool, progress: bool, listeners: list[RoundListener],
                 run_id: str | None = None) -> dict[str, Any]:
     from fedpgp_ray.checkpoint import CheckpointStore
+    from fedpgp_ray.async_rounds import run_async_federation
     from fedpgp_ray.federation import num_rounds, run_federation
     from fedpgp_ray.runtime import build_runtime
     from fedpgp_ray.runtime.base import status
@@ -173,7 +174,8 @@ def _run_in_dir(cfg: ExperimentConfig, resume: bool, progress: bool, listeners: 
         with build_runtime(cfg, store, feature_cache_dir(cfg)) as runtime:
             bar = (ProgressBar if progress else PlainProgress)(num_rounds(cfg) + 1, cfg.algorithm.name, start)
             try:
-                results = run_federation(cfg, runtime, store, [*listeners, *extra, bar], resume)
+                run = run_async_federation if cfg.federation.mode == "async" else run_federation
+                results = run(cfg, runtime, store, [*listeners, *extra, bar], resume)
             finally:
                 bar.close()
     except BaseException as err:

@@ -5,7 +5,8 @@ import math
 import sys
 import time
 from abc import ABC, abstractmethod
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Hashable
 
 from fedpgp_ray.algorithms import Params
 from fedpgp_ray.client import EvalResult, FitResult
@@ -47,6 +48,39 @@ def worker_threads(rc: RuntimeConfig) -> int:
     return rc.threads_per_worker or max(int(math.floor(rc.num_cpus_per_actor)), 1)
 
 
+@dataclass
+class TaskDone:
+    """A finished asynchronous task (federation.mode async): its result, or why it has none.
+
+    charged: the failure is the client's (its task raised, or ran when its actor died or hung); False when
+    it only waited behind another client on a lost actor. Either way the task left nothing behind.
+    """
+    key: Hashable
+    result: Any = None
+    error: str = ""
+    charged: bool = True
+
+
+class AsyncExecutor(ABC):
+    """Client tasks submitted one at a time and collected as they finish, in finishing order (FedBuff)."""
+
+    @abstractmethod
+    def submit(self, key: Hashable, method: str, client_id: int, rnd: int, global_params: Params) -> None:
+        """Start `method` ("fit" / "evaluate") of `client_id`; `rnd` numbers it (the task id for a fit:
+        seeds its training, versions its saved state). `key` names it in the TaskDone."""
+
+    @abstractmethod
+    def next_done(self) -> TaskDone:
+        """Block until a submitted task finishes (or is lost); each submitted key comes back exactly once."""
+
+    def counters(self) -> dict[str, float]:
+        """Fault counters so far (actor_restarts, tasks_timed_out)."""
+        return {}
+
+    def close(self) -> None:
+        """Stop collecting: tasks still running are abandoned (their results are never applied)."""
+
+
 class Runtime(ABC):
     """Runs clients' fit and evaluate; holds their personal state between rounds.
 
@@ -80,6 +114,10 @@ class Runtime(ABC):
         """Deliver the server's SecAgg `stage` message to each client and return the answers of those that
         answered (a client that died or failed is absent: a dropout). See fedpgp_ray.secagg.protocol."""
         raise NotImplementedError(f"{type(self).__name__} does not run secure aggregation")
+
+    def async_executor(self, concurrency: int) -> AsyncExecutor:
+        """The executor of an asynchronous run with at most `concurrency` fits in flight (docs/ASYNC.md)."""
+        raise NotImplementedError(f"{type(self).__name__} does not run federation.mode async")
 
     @abstractmethod
     def forget_states(self) -> None:

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import threading
-from typing import Any
+from collections import deque
+from typing import Any, Hashable
 
 import torch
 
@@ -10,7 +11,7 @@ from fedpgp_ray.algorithms import Params
 from fedpgp_ray.checkpoint import CheckpointStore
 from fedpgp_ray.client import ClientWorker, EvalResult, FitResult
 from fedpgp_ray.config import ExperimentConfig
-from fedpgp_ray.runtime.base import RoundProgress, Runtime, status, worker_threads
+from fedpgp_ray.runtime.base import AsyncExecutor, RoundProgress, Runtime, TaskDone, status, worker_threads
 from fedpgp_ray.strategy import ClientFailure, RoundClose
 
 
@@ -73,5 +74,25 @@ class LocalRuntime(Runtime):
             progress.client_done(len(done))
         return done
 
+    def async_executor(self, concurrency: int) -> AsyncExecutor:
+        return LocalAsyncExecutor(self.worker)
+
     def secagg_exchange(self, rnd: int, stage: str, requests: dict[int, Any]) -> dict[int, Any]:
         return self.worker.secagg_batch(rnd, stage, requests)
+
+
+class LocalAsyncExecutor(AsyncExecutor):
+    """FedBuff in one process, as a deterministic simulation of clients of equal speed: tasks finish in
+    the order they started (each runs when it is collected, from the parameters it was sent). Staleness
+    comes from concurrency, as on a pool of identical workers; speed differences need the Ray runtime."""
+
+    def __init__(self, worker: ClientWorker) -> None:
+        self.worker = worker
+        self.queue: deque[tuple[Hashable, str, int, int, Any]] = deque()
+
+    def submit(self, key: Hashable, method: str, client_id: int, rnd: int, global_params: Any) -> None:
+        self.queue.append((key, method, client_id, rnd, global_params))
+
+    def next_done(self) -> TaskDone:
+        key, method, client_id, rnd, params = self.queue.popleft()
+        return TaskDone(key, getattr(self.worker, method)(client_id, rnd, params))

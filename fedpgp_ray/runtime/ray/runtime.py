@@ -17,8 +17,9 @@ from fedpgp_ray.checkpoint import CheckpointStore
 from fedpgp_ray.client import EvalResult, FitResult
 from fedpgp_ray.config import ExperimentConfig
 from fedpgp_ray.runtime.assign import home_slot
-from fedpgp_ray.runtime.base import Runtime, status, worker_threads
+from fedpgp_ray.runtime.base import AsyncExecutor, Runtime, status, worker_threads
 from fedpgp_ray.runtime.ray.actors import RemoteClientActor, RemoteServerActor, process_memory, unwrap
+from fedpgp_ray.runtime.ray.async_loop import RayAsyncExecutor
 from fedpgp_ray.runtime.ray.dispatch import dispatch, task_timeout
 from fedpgp_ray.runtime.ray.faults import FAULTS_ENV, FaultPlan
 from fedpgp_ray.runtime.ray.placement import GpuFallbackWarning, actor_bundle, connect, gpus_per_actor, place_actors
@@ -164,6 +165,9 @@ class RayRuntime(Runtime):
     def evaluate(self, rnd: int, client_ids: list[int], global_params: Params
                  ) -> tuple[list[EvalResult], list[ClientFailure]]:
         return self._phase("evaluate", rnd, client_ids, global_params)
+
+    def async_executor(self, concurrency: int) -> AsyncExecutor:
+        return RayAsyncExecutor(self, concurrency)
 
     def secagg_exchange(self, rnd: int, stage: str, requests: dict[int, Any]) -> dict[int, Any]:
         """One SecAgg stage: one task per actor carrying its clients' messages. An actor that dies or hangs
