@@ -101,6 +101,7 @@ class AsyncRun:
         self.history: list[dict[str, Any]] = list(saved["history"]) if saved else []
         state = (saved or {}).get("async", {})
         self.wall_before = float(state.get("wall_seconds", 0.0))  # wall time of earlier sessions
+        self.eval_seconds = float(state.get("eval_seconds", 0.0))  # of it, in evaluation phases
         self.totals: Counter[str] = Counter(state.get("totals", {}))
         self.since_eval: Counter[int] = Counter({int(k): v for k, v in state.get("since_eval", {}).items()})
         self.steps_since_eval = int(state.get("steps_since_eval", 0))
@@ -220,6 +221,7 @@ class AsyncRun:
             began = time.perf_counter()
             results = self.evaluate(step, eval_ids)
             metrics["evaluate_phase_seconds"] = time.perf_counter() - began
+            self.eval_seconds += metrics["evaluate_phase_seconds"]
             metrics.update(self.evaluator.aggregate_evaluate(step, results))
             for r in results:
                 clients.setdefault(r.client_id, {}).update(r.metrics)
@@ -234,12 +236,13 @@ class AsyncRun:
         for cid in dropped:
             clients.setdefault(cid, {})["dropped"] = 1.0
         metrics["wall_seconds"] = self.wall()
+        metrics["train_wall_seconds"] = metrics["wall_seconds"] - self.eval_seconds  # the sync runs' measure
         metrics["round_seconds"] = time.perf_counter() - self.last_report
         self.last_report = time.perf_counter()
         report = RoundReport(step, metrics, clients, dropped)
         self.history.append({**asdict(report), "applied": [[a.client_id, a.task_id, a.staleness] for a in applied]})
         if self.store is not None:
-            state = {"wall_seconds": metrics["wall_seconds"], "totals": dict(self.totals),
+            state = {"wall_seconds": metrics["wall_seconds"], "eval_seconds": self.eval_seconds, "totals": dict(self.totals),
                      "since_eval": dict(self.since_eval), "steps_since_eval": self.steps_since_eval}
             self.store.save_server(step, {"global_params": self.server.params, "history": self.history,
                                           "async": state})
