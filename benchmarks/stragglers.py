@@ -13,7 +13,8 @@ k = max(1, exp(z)), z ~ N(0, 1). Modes:
   deadline  13 sampled (federation.over_selection 0.3), the first 10 to report are aggregated, and the round
             closes at federation.round_deadline_s (auto: 3 x the median training phase of the synchronous
             runs' rounds in which no sampled client straggled), min_reporting_clients 1;
-  fedbuff   federation.mode: async (skipped, with a note, where this version has no such mode).
+  fedbuff   federation.mode: async, K = 10 updates per server step, 2 clients in flight, staleness weight
+            1/sqrt(1+s), max staleness 10 (skipped, with a note, where this version has no such mode).
 Equal client work: every mode runs the same number of rounds (R x 10 client updates asked for; FedBuff the
 same number of updates). Every round evaluates 20 seeded clients (the same ones in every mode), the last
 round all 100. Time to target: the training wall time (`train_wall_seconds`: evaluation phases excluded) of
@@ -44,7 +45,9 @@ SETTINGS = {
 MODES = {
     "sync": [],
     "deadline": ["federation.over_selection=0.3", "federation.min_reporting_clients=1"],
-    "fedbuff": ["federation.mode=async"],
+    # K = 10 = the clients of a synchronous round: a server step per 10 updates, evaluated as often as a round;
+    # 2 clients in flight (one per actor: none waits behind a straggler in an actor's queue)
+    "fedbuff": ["federation.mode=async", "fedbuff.buffer_size=10", "fedbuff.concurrency=2"],
 }
 
 
