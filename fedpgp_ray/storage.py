@@ -84,6 +84,7 @@ class RunStorage:
         self.location = text if is_uri(text) else str(Path(text).expanduser().absolute())
         self._fs = None
         self._root = ""
+        self._outage_began: float | None = None  # the bound is per outage, not per call
 
     # Pickle the location only: each process (Ray actor) builds its own filesystem client.
     def __getstate__(self) -> dict[str, Any]:
@@ -143,22 +144,29 @@ class RunStorage:
 
     def _retrying(self, what: str, action: Callable[[], T]) -> T:
         """`action()`, retried with backoff (1, 2, 4 ... 15 s) while an object store answers with a transient
-        error, for at most retry_seconds(); then one StorageError line saying what to do."""
+        error, for at most retry_seconds() per outage (a call made after the bound has passed, such as the
+        failure path's own listing, fails at once); then one StorageError line saying what to do."""
         bound = retry_seconds() if not self.is_local else 0.0
-        began = time.monotonic()
         delay = 1.0
         while True:
             try:
-                return action()
+                result = action()
+                self._outage_began = None
+                return result
             except OSError as err:
-                waited = time.monotonic() - began
-                if bound <= 0 or not is_transient(err) or waited >= bound:
-                    if bound > 0 and is_transient(err):
-                        raise StorageError(
-                            f"cannot {what} ({one_line(err)}): the run storage was unreachable for {waited:.0f} s "
-                            f"({RETRY_ENV}={bound:g}): once it answers again, continue with `fedpgp-ray run "
-                            f"--resume RUN_DIR` (completed rounds are checkpointed)") from None
+                if bound <= 0 or not is_transient(err):
                     raise
+                if self._outage_began is None:
+                    self._outage_began = time.monotonic()
+                waited = time.monotonic() - self._outage_began
+                if waited >= bound:
+                    # a URI's query may hold credentials: name the run without it, and say to keep it
+                    run = self.display() + ("?..." if urlsplit(self.location).query else "")
+                    raise StorageError(
+                        f"cannot {what} ({one_line(err)}): the run storage was unreachable for {waited:.0f} s "
+                        f"({RETRY_ENV}={bound:g}): once it answers again, continue with `fedpgp-ray run "
+                        f"--resume {run}` (the output_dir you ran with; completed rounds are "
+                        f"checkpointed)") from None
                 if delay == 1.0:
                     log.warning("run storage: cannot %s (%s); retrying for up to %.0f s", what, one_line(err), bound)
                 time.sleep(min(delay, max(bound - waited, 0.1)))

@@ -168,7 +168,8 @@ def test_missing_bucket_is_one_line(s3_endpoint, s3_env):
     assert "\n" not in str(err.value)
 
 
-def test_an_object_store_outage_is_retried_within_the_bound_then_one_line(s3_endpoint, s3_env, monkeypatch):
+def test_an_object_store_outage_is_retried_within_the_bound_then_one_line(s3_endpoint, s3_env, monkeypatch,
+                                                                         caplog):
     """The endpoint refuses connections for a while (a TCP forwarder taken down: moto keeps its buckets)."""
     import threading
 
@@ -189,7 +190,13 @@ def test_an_object_store_outage_is_retried_within_the_bound_then_one_line(s3_end
         storage.write_text("c.txt", "3")
     message = str(caught.value)
     assert "\n" not in message and message.startswith("cannot write s3://runs/outage/c.txt")
-    assert "FEDPGP_STORAGE_RETRY_S=2" in message and "--resume" in message
+    assert "FEDPGP_STORAGE_RETRY_S=2" in message and "--resume s3://runs/outage?..." in message
+    assert "endpoint_override" not in message  # the query may hold credentials
+    # the bound is per outage: the failure path's next call gives up at once instead of waiting it again
+    caplog.clear()
+    with pytest.raises(StorageError, match=r"^cannot list .*FEDPGP_STORAGE_RETRY_S=2"):
+        storage.list()
+    assert not [r for r in caplog.records if "retrying" in r.getMessage()]
     proxy.up()
     assert storage.read_text("b.txt") == "2"
     proxy.down()
