@@ -30,6 +30,9 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 RETRY_ENV = "FEDPGP_STORAGE_RETRY_S"  # how long transient object-store errors are retried (seconds)
+# When each object store's current outage began (monotonic s), by endpoint: the retry bound is per outage,
+# shared by every RunStorage on that store in this process (the failure path's own listing included).
+_OUTAGES: dict[str, float] = {}
 DEFAULT_RETRY_S = 120.0
 # pyarrow's S3/GCS errors that mean "try again later": the endpoint unreachable, throttled or failing.
 # Anything else (no such bucket, access denied, bad credentials) fails at once.
@@ -84,7 +87,8 @@ class RunStorage:
         self.location = text if is_uri(text) else str(Path(text).expanduser().absolute())
         self._fs = None
         self._root = ""
-        self._outage_began: float | None = None  # the bound is per outage, not per call
+        parts = urlsplit(self.location)
+        self._endpoint = f"{parts.scheme}://{parts.netloc}?{parts.query}"
 
     # Pickle the location only: each process (Ray actor) builds its own filesystem client.
     def __getstate__(self) -> dict[str, Any]:
@@ -144,28 +148,24 @@ class RunStorage:
 
     def _retrying(self, what: str, action: Callable[[], T]) -> T:
         """`action()`, retried with backoff (1, 2, 4 ... 15 s) while an object store answers with a transient
-        error, for at most retry_seconds() per outage (a call made after the bound has passed, such as the
-        failure path's own listing, fails at once); then one StorageError line saying what to do."""
+        error, for at most retry_seconds() per outage of that store (a call made after the bound has passed,
+        such as the failure path's own listing, fails at once); then one StorageError line saying what to do."""
         bound = retry_seconds() if not self.is_local else 0.0
         delay = 1.0
         while True:
             try:
                 result = action()
-                self._outage_began = None
+                _OUTAGES.pop(self._endpoint, None)
                 return result
             except OSError as err:
                 if bound <= 0 or not is_transient(err):
                     raise
-                if self._outage_began is None:
-                    self._outage_began = time.monotonic()
-                waited = time.monotonic() - self._outage_began
+                waited = time.monotonic() - _OUTAGES.setdefault(self._endpoint, time.monotonic())
                 if waited >= bound:
-                    # a URI's query may hold credentials: name the run without it, and say to keep it
-                    run = self.display() + ("?..." if urlsplit(self.location).query else "")
                     raise StorageError(
                         f"cannot {what} ({one_line(err)}): the run storage was unreachable for {waited:.0f} s "
                         f"({RETRY_ENV}={bound:g}): once it answers again, continue with `fedpgp-ray run "
-                        f"--resume {run}` (the output_dir you ran with; completed rounds are "
+                        f"--resume <output_dir>` with the output_dir you ran with (completed rounds are "
                         f"checkpointed)") from None
                 if delay == 1.0:
                     log.warning("run storage: cannot %s (%s); retrying for up to %.0f s", what, one_line(err), bound)
