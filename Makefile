@@ -24,7 +24,7 @@ fedml-env:
 
 # The Ray runtime tests start their own Ray instances: a separate process keeps them clear of
 # Ray state left by earlier tests in the same interpreter.
-RAY_SESSION_TESTS := tests/test_ray_runtime.py tests/test_restored_state.py tests/test_secagg_ray.py tests/test_stragglers_ray.py
+RAY_SESSION_TESTS := tests/test_ray_runtime.py tests/test_restored_state.py tests/test_secagg_ray.py tests/test_stragglers_ray.py tests/test_fedbuff_ray.py
 test: $(STAMP) fedml-env
 	$(BIN)/python -m pytest $(addprefix --ignore=,$(RAY_SESSION_TESTS))
 	$(BIN)/python -m pytest $(RAY_SESSION_TESTS)
