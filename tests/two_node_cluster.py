@@ -115,14 +115,19 @@ class TwoNodeCluster:
         assert index not in self.workers, f"worker {index} is running"
         worker = " ".join([str(BIN / "ray"), "start", *self._common(self.worker_ip(index)),
                            f"--address={HEAD_IP}:{self.port}", f"--num-cpus={self.worker_cpus}"])
-        alive = self.alive_nodes() if wait else 0
+        ip = self.worker_ip(index)
+        # The nodes already known at this address (a lost node stays listed, even ALIVE for a while): the new
+        # node is the one that is not among them. Asked until the dashboard answers: a missed answer is not "none".
+        known = {n["node_id"] for n in self.nodes_answered() if n.get("node_ip") == ip} if wait else set()
         self.workers[index] = subprocess.Popen(
             self.in_netns(["unshare", "-m", "--propagation", "private", "sh", "-c",
                            f"mount -t tmpfs tmpfs {self.private} && exec {worker}"]),
             env=self.env, cwd=self.base, start_new_session=True,
             stdout=(self.logs / f"worker-{index}.log").open("a"), stderr=subprocess.STDOUT)
         if wait:
-            self.wait_for(lambda: self.alive_nodes() == alive + 1, f"worker {index} alive", f"worker-{index}.log")
+            self.wait_for(lambda: any(n["node_id"] not in known and n.get("node_ip") == ip
+                                      and n.get("state") == "ALIVE" for n in self.nodes_listed() or []),
+                          f"worker {index} alive", f"worker-{index}.log")
 
     def kill_worker(self, index: int) -> float:
         """A lost node: SIGKILL worker `index`'s process group (its raylet, agents and actors) at once.
@@ -143,7 +148,7 @@ class TwoNodeCluster:
     def api(self, path: str) -> dict | None:
         """GET the dashboard's `path` with the token (inside the namespace); None if it does not answer."""
         code = ("import sys, urllib.request; r = urllib.request.Request(sys.argv[1], headers={'Authorization': "
-                "'Bearer ' + sys.argv[2]}); print(urllib.request.urlopen(r, timeout=5).read().decode())")
+                "'Bearer ' + sys.argv[2]}); print(urllib.request.urlopen(r, timeout=30).read().decode())")
         out = self.run([sys.executable, "-c", code, self.dashboard + path, self.token()], timeout=60)
         if out.returncode != 0:
             return None
@@ -152,15 +157,25 @@ class TwoNodeCluster:
         except ValueError:
             return {"text": out.stdout}
 
-    def alive_nodes(self) -> int:
-        return len(self.node_ips())
+    def nodes_listed(self) -> list[dict] | None:
+        """Every node the head knows (any state), or None when the dashboard did not answer."""
+        doc = self.api("/api/v0/nodes?limit=100")
+        try:
+            return list(doc["data"]["result"]["result"])
+        except (TypeError, KeyError):
+            return None
+
+    def nodes_answered(self, timeout: float = 300) -> list[dict]:
+        """nodes_listed(), asked again until the dashboard answers (a missed answer is not "no nodes")."""
+        deadline = time.monotonic() + timeout
+        while (nodes := self.nodes_listed()) is None:
+            assert time.monotonic() < deadline, f"the dashboard listed no nodes for {timeout:.0f} s"
+            time.sleep(2)
+        return nodes
 
     def node_ips(self) -> dict[str, str]:
         """node id -> address of the alive nodes."""
-        doc = self.api("/api/v0/nodes?limit=100")
-        if not doc:
-            return {}
-        return {n["node_id"]: n["node_ip"] for n in doc["data"]["result"]["result"] if n.get("state") == "ALIVE"}
+        return {n["node_id"]: n["node_ip"] for n in self.nodes_listed() or [] if n.get("state") == "ALIVE"}
 
     def actor_ips(self, class_name: str) -> list[str]:
         """The node addresses of the alive actors of `class_name` (e.g. "ClientActor"), one per actor."""
