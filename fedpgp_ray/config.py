@@ -567,6 +567,10 @@ def config_from_dict(data: dict[str, Any], overrides: list[str] = (), base_dir: 
         if not values.enabled and changed:
             raise ConfigError(f"config key '{section}.{changed[0]}' is set but {section}.enabled is false: it would "
                               f"have no effect; set {section}.enabled=true or remove it")
+    if cfg.model.device == "cuda" and cfg.runtime.kind == "ray" and cfg.runtime.num_gpus_per_actor == 0:
+        raise ConfigError("model.device is 'cuda' but runtime.num_gpus_per_actor is 0, so Ray gives the client "
+                          "actors no GPU: set runtime.num_gpus_per_actor (e.g. 0.5) on a cluster with GPUs, or "
+                          "model.device: auto")
     _check_speed_and_deadline(cfg)
     _check_async(cfg)
     per_round = max(int(math.floor(cfg.federation.client_fraction * cfg.federation.num_clients)), 1)

@@ -139,6 +139,9 @@ def check_request(cfg: ExperimentConfig, resume: bool = False) -> None:
         if not torch.cuda.is_available():
             raise ConfigError("model.device is 'cuda' but no CUDA device is visible to this process: set "
                               "model.device: auto (CUDA when there is one) or cpu")
+    if cfg.privacy.enabled and cfg.privacy.max_epsilon is not None:  # a budget below one round is refused here
+        from fedpgp_ray.federation import build_strategy
+        build_strategy(cfg)
     if cfg.tracking.mlflow and not resume:  # a resume checks the store its run was logged to, as it opens it
         from fedpgp_ray.tracking import check_store
         check_store(cfg)

@@ -19,6 +19,7 @@ from fedpgp_ray.run import main
     (["train.epochs=3"], "unknown config key 'train.epochs': allowed keys under 'train' are"),
     (["federation.min_reporting_clients=50"], "must be <= federation.num_clients"),
     (["data.partition=iid"], "'data.partition' = 'iid' is out of range: must be one of"),
+    (["model.device=cuda", "runtime.kind=ray"], "runtime.num_gpus_per_actor is 0, so Ray gives the client actors no GPU"),
 ])
 def test_bad_values_fail_with_one_line(overrides, message):
     with pytest.raises(ConfigError) as err:

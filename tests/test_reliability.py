@@ -173,6 +173,20 @@ def test_cuda_without_cuda_is_one_line_before_the_run_directory_exists(tmp_path,
     assert not (tmp_path / "run" / rundir.RECORD_FILE).exists()
 
 
+def test_a_budget_below_one_round_is_refused_before_the_run_directory_and_the_mlflow_run(tmp_path, capsys):
+    config = write_config(tmp_path, privacy={"enabled": True, "noise_multiplier": 0.5, "clip_norm": 0.1,
+                                             "max_epsilon": 0.01},
+                          tracking={"mlflow": True, "uri": f"sqlite:///{tmp_path / 'mlflow.db'}"})
+    assert main(["--config", str(config), "--no-progress"]) == 2
+    assert "'privacy.max_epsilon' = 0.01 is below the epsilon of a single round" in one_error_line(capsys)
+    assert not (tmp_path / "run" / rundir.RECORD_FILE).exists() and not (tmp_path / "run" / "config.yaml").exists()
+    store = tmp_path / "mlflow.db"
+    if store.exists():  # the store check may create the file; it must hold no run
+        import mlflow
+        client = mlflow.MlflowClient(f"sqlite:///{store}")
+        assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == []
+
+
 def test_a_second_concurrent_run_refuses_at_once(tmp_path, capsys):
     config = write_config(tmp_path)
     out = tmp_path / "run"
