@@ -62,6 +62,14 @@ def finals(doc: dict) -> dict:
     return {c: {k: v for k, v in m.items() if "seconds" not in k} for c, m in doc["final_clients"].items()}
 
 
+def report(what: str, doc: dict, unfaulted: dict) -> None:
+    """One line for `pytest -s`: the faulted run's final metrics beside the unfaulted run's."""
+    def line(d: dict) -> str:
+        return "/".join(f"{d['final'][k]:.2f}" for k in ("local", "base", "novel", "hm3"))
+    print(f"\n{what}: final Local/Base/Novel/HM3 {line(doc)} (unfaulted {line(unfaulted)}), "
+          f"dropped {len(doc['dropped_clients'])}")
+
+
 def test_a_state_restored_by_evaluate_trains_like_the_one_in_memory(tiny_weights, tmp_path):
     cfg = sampled_cfg(tmp_path / "run", tiny_weights, 1.0, 2, kind="local")
     store = CheckpointStore(tmp_path / "run" / "checkpoints")
@@ -93,6 +101,7 @@ def test_resume_of_a_sampled_run_killed_mid_round_in_process(tiny_weights, tmp_p
     assert run_main(["--resume", str(tmp_path / "resumed"), "--no-progress"]) == 0
     doc = json.loads((tmp_path / "resumed" / "results.json").read_text())
     assert doc["dropped_clients"] == [] and doc["rounds_done"] == 5
+    report("in-process, fraction 0.5, driver killed mid-round 2, resumed", doc, unfaulted)
     assert_same_metrics(doc, unfaulted)
     assert finals(doc) == finals(unfaulted)
 
@@ -115,6 +124,7 @@ def test_actors_killed_after_finishing_and_evaluating_clients_lose_nothing(unfau
     assert doc["dropped_clients"] == []
     assert all(r["metrics"]["clients_dropped"] == 0 for r in doc["rounds"])
     assert doc["rounds"][3]["metrics"]["clients_reported"] == 3
+    report("Ray, actors killed after a fit and after an evaluation", doc, unfaulted_sampled)
     assert_same_metrics(doc, unfaulted_sampled)
     assert finals(doc) == finals(unfaulted_sampled)
 
@@ -127,6 +137,7 @@ def test_actor_replaced_after_a_timeout_loses_nothing(unfaulted_sampled, tiny_we
     doc = run_ray(cfg, FaultPlan(hang={(1, 2)}))
     assert doc["rounds"][1]["metrics"]["tasks_timed_out"] == 1
     assert doc["dropped_clients"] == []
+    report("Ray, actor replaced after a task timeout", doc, unfaulted_sampled)
     assert_same_metrics(doc, unfaulted_sampled)
     assert finals(doc) == finals(unfaulted_sampled)
 
@@ -141,6 +152,7 @@ def test_resume_of_a_sampled_ray_run_killed_mid_round(ray_session, tiny_weights,
     assert run_main(["--resume", str(tmp_path / "resumed"), "--no-progress"]) == 0
     doc = json.loads((tmp_path / "resumed" / "results.json").read_text())
     assert doc["dropped_clients"] == [] and doc["rounds_done"] == 5
+    report("Ray, fraction 0.5, driver killed mid-round 2, resumed", doc, unfaulted)
     assert_same_metrics(doc, unfaulted)
     assert finals(doc) == finals(unfaulted)
 
@@ -188,5 +200,6 @@ def test_a_damaged_client_state_on_ray_rolls_server_and_actors_back(unfaulted_sa
     doc = json.loads((tmp_path / "run" / "results.json").read_text())
     assert state.with_name("round_2.pt.unreadable").is_file()
     assert [r["round"] for r in doc["rounds"]] == [0, 1, 2, 3]
+    report("Ray, newest state of client 2 truncated, resumed (rolled back)", doc, unfaulted_sampled)
     assert_same_metrics(doc, unfaulted_sampled)
     assert finals(doc) == finals(unfaulted_sampled)
