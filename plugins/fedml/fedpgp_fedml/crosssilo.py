@@ -65,8 +65,17 @@ def run_process(config: Any, rank: int, **overrides: Any) -> Any:
         host, port = grpc_address(args.grpc_ipconfig_path, 0)
         if not wait_for_port(host, port, float(getattr(args, "fedpgp_server_wait_s", 600))):
             raise RuntimeError(f"client {rank}: the server never listened on {host}:{port}")
-    runner = fedml.FedMLRunner(args, fedml.device.get_device(args), dataset, model)
-    runner.run()
+    if rank > 0:
+        runner = fedml.FedMLRunner(args, fedml.device.get_device(args), dataset, model)
+        runner.run()
+        return runner
+    from fedpgp_fedml.report import sigterm_as_ctrl_c
+
+    # The server holds the MLflow run: SIGTERM ends it KILLED. FedML's cross-silo server trains while
+    # FedMLRunner is being built, so the block covers the constructor too.
+    with sigterm_as_ctrl_c(getattr(args, "fedpgp_output_dir", None)):
+        runner = fedml.FedMLRunner(args, fedml.device.get_device(args), dataset, model)
+        runner.run()
     return runner
 
 

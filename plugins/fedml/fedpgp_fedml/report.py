@@ -19,13 +19,17 @@ their upload (see `fedpgp_fedml.trainer` and `fedpgp_fedml.registry`).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import shutil
+import signal
 import sys
+import threading
 import time
 from dataclasses import asdict
-from typing import Any
+from typing import Any, Iterator
 
 import yaml
 
@@ -41,6 +45,36 @@ def _cell(value: Any, fmt: str) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
     return format(float(value), fmt)
+
+
+@contextlib.contextmanager
+def sigterm_as_ctrl_c(output_dir: str | None) -> Iterator[None]:
+    """Within this block SIGTERM (docker, systemd, Kubernetes, a scheduler) stops the server side as Ctrl-C
+    does: one line on stderr, the MLflow run ended KILLED, exit 143 (Ctrl-C: 130). FedML has no resume,
+    so the line says to start over. The process ends at once: FedML's communication threads would keep
+    it alive."""
+    from fedpgp_ray.run import Terminated
+    from fedpgp_ray.tracking import end_unfinished
+
+    def terminate(signum: int, frame: Any) -> None:
+        raise Terminated()
+
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, terminate) if main else None
+    try:
+        yield
+    except KeyboardInterrupt as err:
+        code = 143 if isinstance(err, Terminated) else 130
+        what = "terminated (SIGTERM)" if code == 143 else "interrupted"
+        kept = f" (the completed rounds' checkpoints stay in {output_dir})" if output_dir else ""
+        print(f"{what}: the MLflow run ends KILLED; a FedML run does not resume: run the command again to start "
+              f"over{kept}", file=sys.stderr, flush=True)
+        end_unfinished("KILLED")
+        sys.stdout.flush()
+        os._exit(code)
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, previous)
 
 
 class ServerReport:

@@ -37,7 +37,7 @@ from fedpgp_fedml.aggregator import FedPGPServerAggregator
 from fedpgp_fedml.config import FedMLConfigError, experiment_config_from_args
 from fedpgp_fedml.data import FedPGPDatasetList, fedml_dataset
 from fedpgp_fedml.model import GlobalPromptModel
-from fedpgp_fedml.report import ServerReport
+from fedpgp_fedml.report import ServerReport, sigterm_as_ctrl_c
 from fedpgp_fedml.trainer import FedPGPClientTrainer, client_store, feature_cache_dir
 
 log = logging.getLogger(__name__)
@@ -91,16 +91,17 @@ class FedPGPSimulator:
         self.run()
 
     def run(self) -> dict[str, Any]:
-        began = time.perf_counter()
-        # the server side's table, results files and MLflow run (fedpgp_fedml.report)
-        self.report = ServerReport(self.cfg, f"FedML simulation (sp, fedpgp_runtime: {self.cfg.runtime.kind}), "
-                                             f"{self.cfg.algorithm.name}")
-        if self.cfg.runtime.kind == "local":
-            self._run_local()
-            self.results = results_document(self.cfg, self.history, time.perf_counter() - began)
-        else:
-            self.results = self._run_runtime()
-        self.report.finish(self.results)
+        with sigterm_as_ctrl_c(self.cfg.output_dir):
+            began = time.perf_counter()
+            # the server side's table, results files and MLflow run (fedpgp_fedml.report)
+            self.report = ServerReport(self.cfg, f"FedML simulation (sp, fedpgp_runtime: {self.cfg.runtime.kind}), "
+                                                 f"{self.cfg.algorithm.name}")
+            if self.cfg.runtime.kind == "local":
+                self._run_local()
+                self.results = results_document(self.cfg, self.history, time.perf_counter() - began)
+            else:
+                self.results = self._run_runtime()
+            self.report.finish(self.results)
         log.info("FedPGP finished: %s", self.results["final"])
         return self.results
 

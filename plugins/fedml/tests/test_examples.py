@@ -116,3 +116,78 @@ def test_cross_silo_example_prints_results_on_the_server_and_logs_one_run(exampl
     for run in runs:
         assert run.info.status == "FINISHED"
         assert {"fedpgp_ray_version", "hostname"} <= set(run.data.tags)
+
+
+def test_sigterm_stops_the_sp_example_like_ctrl_c_and_ends_its_mlflow_run_killed(tmp_path):
+    """SIGTERM (docker, systemd, Kubernetes) mid-run: exit 143, one line saying a FedML run starts over,
+    the MLflow run KILLED (before: killed by the signal, nothing said, the run left RUNNING)."""
+    import signal
+    import time
+
+    examples = tmp_path / "examples"
+    shutil.copytree(EXAMPLES, examples, ignore=shutil.ignore_patterns("outputs"))
+    config = yaml.safe_load((examples / "fedml_config.yaml").read_text())
+    config["train_args"]["comm_round"] = 200  # long enough to be stopped mid-run
+    (examples / "fedml_config.yaml").write_text(yaml.safe_dump(config))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    proc = subprocess.Popen([sys.executable, "run_fedpgp.py"], cwd=examples, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 600
+        for line in proc.stdout:  # the row of round 2: training is under way
+            if line.split()[:1] == ["2"]:
+                break
+            assert time.monotonic() < deadline, "no round 2 row"
+        proc.send_signal(signal.SIGTERM)
+        rest, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 143, err[-3000:]
+    lines = [line for line in err.splitlines() if line.startswith("terminated (SIGTERM)")]
+    assert len(lines) == 1 and "a FedML run does not resume" in lines[0], err[-3000:]
+    assert "Traceback" not in err
+    from mlflow import MlflowClient
+    client = MlflowClient(f"sqlite:///{examples / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert [r.info.status for r in runs] == ["KILLED"]
+
+
+def test_sigterm_to_the_cross_silo_server_ends_its_mlflow_run_killed(tmp_path):
+    """The server process (rank 0) holds the MLflow run; FedML's cross-silo server trains while its runner is
+    being built, and SIGTERM there must still end the run KILLED with one line."""
+    import signal
+    import time
+
+    import psutil
+
+    examples = tmp_path / "examples"
+    shutil.copytree(EXAMPLES, examples, ignore=shutil.ignore_patterns("outputs"))
+    config = yaml.safe_load((examples / "cross_silo_config.yaml").read_text())
+    config["train_args"]["comm_round"] = 200
+    (examples / "cross_silo_config.yaml").write_text(yaml.safe_dump(config))
+    env = {**os.environ, "PYTHON": sys.executable, "PYTHONUNBUFFERED": "1",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    launcher = subprocess.Popen(["bash", "run_cross_silo.sh"], cwd=examples, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        for line in launcher.stdout:  # the server's round-2 row: training is under way
+            if line.split()[:1] == ["2"]:
+                break
+        server = next(p for p in psutil.Process(launcher.pid).children(recursive=True)
+                      if p.cmdline()[-2:] == ["--rank", "0"])
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=60)  # not our child: psutil gives no exit status (the sp test checks 143)
+    finally:
+        os.killpg(launcher.pid, signal.SIGKILL)  # the silos (they wait for a server that is gone)
+        launcher.wait()
+    log = (examples / "outputs" / "cross_silo" / "logs" / "rank0.log").read_text()
+    lines = [line for line in log.splitlines() if line.startswith("terminated (SIGTERM)")]
+    assert len(lines) == 1 and "a FedML run does not resume" in lines[0], log[-3000:]
+    from mlflow import MlflowClient
+    client = MlflowClient(f"sqlite:///{examples / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert [(r.info.run_name, r.info.status) for r in runs] == [("fedpgp-cross_silo", "KILLED")]
