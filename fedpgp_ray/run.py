@@ -222,28 +222,34 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM (`ray job stop`, docker, systemd, Kubernetes): the same clean stop as Ctrl-C."""
 
 
-def _raise_terminated(signum: int, frame: Any) -> None:
+def raise_terminated(signum: int, frame: Any) -> None:
+    """The SIGTERM handler: stop as Ctrl-C does (Terminated is a KeyboardInterrupt)."""
     raise Terminated()
 
 
-def interrupted(output_dir: str | None, exit_code: int = 130) -> None:
-    """Ctrl-C (exit 130) or SIGTERM (143): say how to continue, end the MLflow run KILLED, run the exit
-    hooks (bounded: tracking gives up after seconds), and end the process at once; the interpreter's own
-    teardown of torch, MLflow and Ray objects can take tens of seconds on a loaded machine, and whoever
-    stopped the run is waiting (`ray job stop` kills the process group a few seconds after SIGTERM)."""
+def stop_now(exit_code: int, advice: str) -> None:
+    """Ctrl-C (exit 130) or SIGTERM (143): one line (`interrupted: advice` / `terminated (SIGTERM): advice`),
+    the MLflow run ended KILLED, the exit hooks run (bounded: tracking gives up after seconds), and the
+    process ends at once; the interpreter's own teardown of torch, MLflow and Ray objects can take tens of
+    seconds on a loaded machine, and whoever stopped the run is waiting (`ray job stop` kills the process
+    group a few seconds after SIGTERM)."""
     import atexit
 
     from fedpgp_ray.tracking import end_unfinished
 
     what = "terminated (SIGTERM)" if exit_code == 143 else "interrupted"
-    where = f" --resume {output_dir}" if output_dir else " --resume <output_dir>"
-    print(f"{what}: the completed rounds are checkpointed; continue with `fedpgp-ray run{where}`",
-          file=sys.stderr)
+    print(f"{what}: {advice}", file=sys.stderr)
     end_unfinished("KILLED")
     atexit._run_exitfuncs()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(exit_code)
+
+
+def interrupted(output_dir: str | None, exit_code: int = 130) -> None:
+    """stop_now with how to continue the run."""
+    where = f" --resume {output_dir}" if output_dir else " --resume <output_dir>"
+    stop_now(exit_code, f"the completed rounds are checkpointed; continue with `fedpgp-ray run{where}`")
 
 
 def format_table(results: list[dict[str, Any]]) -> str:
@@ -303,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _raise_terminated)
+        signal.signal(signal.SIGTERM, raise_terminated)
     if args.no_progress:  # data phases (image checks, feature encoding) too: plain lines, no bars
         from fedpgp_ray.progress import set_progress
         set_progress("lines")

@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import shutil
 import signal
 import sys
@@ -50,28 +49,19 @@ def _cell(value: Any, fmt: str) -> str:
 @contextlib.contextmanager
 def sigterm_as_ctrl_c(output_dir: str | None) -> Iterator[None]:
     """Within this block SIGTERM (docker, systemd, Kubernetes, a scheduler) stops the server side as Ctrl-C
-    does: one line on stderr, the MLflow run ended KILLED, exit 143 (Ctrl-C: 130). FedML has no resume,
-    so the line says to start over. The process ends at once: FedML's communication threads would keep
-    it alive."""
-    from fedpgp_ray.run import Terminated
-    from fedpgp_ray.tracking import end_unfinished
-
-    def terminate(signum: int, frame: Any) -> None:
-        raise Terminated()
+    does (`fedpgp_ray.run.stop_now`): one line, the MLflow run ended KILLED, exit 143 (Ctrl-C: 130), at
+    once (FedML's communication threads would keep the process alive). FedML has no resume, so the line
+    says to start over."""
+    from fedpgp_ray.run import Terminated, raise_terminated, stop_now
 
     main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, terminate) if main else None
+    previous = signal.signal(signal.SIGTERM, raise_terminated) if main else None
     try:
         yield
     except KeyboardInterrupt as err:
-        code = 143 if isinstance(err, Terminated) else 130
-        what = "terminated (SIGTERM)" if code == 143 else "interrupted"
         kept = f" (the completed rounds' checkpoints stay in {output_dir})" if output_dir else ""
-        print(f"{what}: the MLflow run ends KILLED; a FedML run does not resume: run the command again to start "
-              f"over{kept}", file=sys.stderr, flush=True)
-        end_unfinished("KILLED")
-        sys.stdout.flush()
-        os._exit(code)
+        stop_now(143 if isinstance(err, Terminated) else 130,
+                 f"the MLflow run ends KILLED; a FedML run does not resume: run the command again to start over{kept}")
     finally:
         if main:
             signal.signal(signal.SIGTERM, previous)
