@@ -180,7 +180,7 @@ class RayRuntime(Runtime):
         for rnd_, stage_, cid in sorted(self.faults.secagg_kill):
             if (rnd_, stage_) == (rnd, stage) and self.slot_of(cid) in by_slot:
                 log.warning("fault injection: killing a client actor before SecAgg stage %s", stage)
-                ray.kill(self.actors[self.slot_of(cid)], no_restart=True)
+                kill_and_wait(self.actors[self.slot_of(cid)])
         pending = {self.actors[slot].secagg_batch.remote(rnd, stage, batch): slot for slot, batch in by_slot.items()}
         deadline = time.monotonic() + task_timeout(self.rc.task_timeout_s, self.slowest_task_s)
         out: dict[int, Any] = {}
@@ -264,3 +264,18 @@ class RayRuntime(Runtime):
         if self.owns_ray and ray.is_initialized():
             ray.shutdown()
         self.owns_ray = False
+
+
+def kill_and_wait(actor: Any, timeout: float = 30.0) -> None:
+    """ray.kill returns before the actor is dead, and a task sent right after may still run on it: wait
+    until the actor answers as dead, so an injected fault lands before the stage it is meant for."""
+    ray.kill(actor, no_restart=True)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            ray.get(actor.__ray_ready__.remote(), timeout=5)
+        except RayActorError:
+            return
+        except ray.exceptions.GetTimeoutError:
+            continue
+        time.sleep(0.05)
